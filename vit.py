@@ -1,0 +1,1 @@
+"""vit.py: a Vision Transformer from scratch (its issue fills this in)."""
