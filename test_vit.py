@@ -230,3 +230,375 @@ def test_transformer_script_options_are_validated():
     with pytest.raises(SystemExit) as e:
         tf.parse_args(["--steps", "0"])
     assert e.value.code != 0
+
+
+# ==========================================================================================
+# vit.py
+# ==========================================================================================
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import vit  # noqa: E402
+
+
+def tiny_vit(in_channels=3, image_size=16, fused=True, pool="cls", seed=0):
+    torch.manual_seed(seed)
+    return vit.ViT(image_size=image_size, patch_size=4, in_channels=in_channels, num_classes=5,
+                   dim=32, depth=2, heads=4, mlp_dim=64, fused_attn=fused, pool=pool)
+
+
+def torchvision_state_dict(ours):
+    """Our parameters under torchvision.models.VisionTransformer's names."""
+    sd = {"class_token": ours.cls_token, "conv_proj.weight": ours.patch_embed.proj.weight,
+          "conv_proj.bias": ours.patch_embed.proj.bias,
+          "encoder.pos_embedding": ours.pos_embed, "encoder.ln.weight": ours.norm.weight,
+          "encoder.ln.bias": ours.norm.bias, "heads.head.weight": ours.head.weight,
+          "heads.head.bias": ours.head.bias}
+    for i, b in enumerate(ours.blocks):
+        p = f"encoder.layers.encoder_layer_{i}."
+        sd |= {p + "ln_1.weight": b.norm1.weight, p + "ln_1.bias": b.norm1.bias,
+               p + "self_attention.in_proj_weight": b.attn.qkv.weight,
+               p + "self_attention.in_proj_bias": b.attn.qkv.bias,
+               p + "self_attention.out_proj.weight": b.attn.proj.weight,
+               p + "self_attention.out_proj.bias": b.attn.proj.bias,
+               p + "ln_2.weight": b.norm2.weight, p + "ln_2.bias": b.norm2.bias,
+               p + "mlp.0.weight": b.mlp.fc1.weight, p + "mlp.0.bias": b.mlp.fc1.bias,
+               p + "mlp.3.weight": b.mlp.fc2.weight, p + "mlp.3.bias": b.mlp.fc2.bias}
+    return sd
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_vit_equals_torchvision_vision_transformer(fused):
+    ours = tiny_vit(fused=fused).eval()
+    with torch.no_grad():                      # non-trivial LayerNorms and biases
+        for n, p in ours.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.normal_(0, 0.5 if n.endswith("bias") else 1.0)
+    theirs = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+        num_classes=5).eval()
+    theirs.load_state_dict(torchvision_state_dict(ours))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
+
+
+def test_fused_and_hand_written_attention_agree():
+    x = torch.randn(4, 3, 16, 16)
+    fused, manual = tiny_vit(fused=True).eval(), tiny_vit(fused=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), manual(x), rtol=0, atol=1e-5)
+
+
+def test_block_attention_equals_nn_multihead_attention():
+    torch.manual_seed(0)
+    attn = vit.Attention(32, 4, fused=False).eval()
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(attn.qkv.weight)  # rows [Q; K; V] in both
+        mha.in_proj_bias.copy_(attn.qkv.bias)
+        mha.out_proj.load_state_dict(attn.proj.state_dict())
+        x = torch.randn(2, 17, 32)
+        want, want_w = mha(x, x, x, average_attn_weights=False)
+        torch.testing.assert_close(attn(x), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(attn.attn_weights, want_w, rtol=0, atol=1e-6)
+
+
+def test_patchify_by_reshape_equals_conv2d():
+    torch.manual_seed(0)
+    embed = vit.PatchEmbed(patch_size=4, in_channels=3, dim=24)
+    x = torch.randn(2, 3, 16, 12)
+    conv = embed.proj(x)                                    # (B, D, H/P, W/P)
+    conv = conv.flatten(2).transpose(1, 2)                  # (B, N, D)
+    torch.testing.assert_close(embed(x), conv, rtol=0, atol=1e-5)
+    # and patch n is the pixels of the n-th P x P square, in row-major order
+    patches = vit.patchify(x, 4)
+    torch.testing.assert_close(patches[1, 4], x[1, :, 4:8, 4:8].reshape(-1))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_vit_output_shape(channels):
+    model = tiny_vit(in_channels=channels)
+    assert model(torch.randn(2, channels, 16, 16)).shape == (2, 5)
+    assert model.pos_embed.shape == (1, 16 + 1, 32) and model.cls_token.shape == (1, 1, 32)
+
+
+def test_each_sample_is_independent_of_its_batch():
+    model = tiny_vit().eval()
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        full = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(6)])
+        x2 = x.clone()
+        x2[1:] = torch.randn(5, 3, 16, 16)
+        torch.testing.assert_close(full, alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(x2)[0], full[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_swapping_two_patches_changes_the_output(pool):
+    # Without the position embedding a ViT is blind to where a patch is; with it, moving
+    # patches changes the prediction. (Checked against a model with pos_embed zeroed.)
+    model = tiny_vit(pool=pool).eval()
+    x = torch.randn(1, 3, 16, 16)
+    swapped = x.clone()
+    swapped[..., 0:4, 0:4], swapped[..., 8:12, 4:8] = x[..., 8:12, 4:8], x[..., 0:4, 0:4]
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model(swapped), atol=1e-4)
+        model.pos_embed.zero_()
+        if pool == "mean":
+            torch.testing.assert_close(model(x), model(swapped), rtol=0, atol=1e-5)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny_vit()
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_tiny_batch_can_be_overfit():
+    model = tiny_vit()
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 5
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (model(x).argmax(1) == y).all() and loss.item() < 0.1
+
+
+def test_augment_crops_and_flips_without_changing_pixels():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    torch.manual_seed(0)
+    out = vit.augment(x, pad=0, flip=True)
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    crops = vit.augment(x.repeat(50, 1, 1, 1), pad=1, flip=False)   # every crop is a shift
+    shifts = {(dy, dx) for dy in range(3) for dx in range(3)}
+    padded = nn.functional.pad(x[0], (1, 1, 1, 1))
+    for c in crops[::2]:
+        assert any(torch.equal(c, padded[:, dy:dy + 4, dx:dx + 4]) for dy, dx in shifts)
+
+
+# ------------------------------------------------------------------------------------------
+# vit.py: the command line, on a tiny image folder made here
+# ------------------------------------------------------------------------------------------
+def make_image_folder(root, classes=("red", "blue"), n_train=12, n_test=6):
+    colors = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(n):
+                noise = torch.randint(0, 40, (16, 16, 3), generator=g)
+                pixels = (torch.tensor(colors[c]) + noise).clamp(0, 255).to(torch.uint8)
+                size = (20, 18) if i == 1 else (16, 16)       # sizes may differ: resized
+                Image.fromarray(pixels.numpy()).resize(size).save(
+                    os.path.join(root, split, c, f"{i}.png"))
+    return str(root)
+
+
+SMALL = ["--epochs", "2", "--batch-size", "8", "--dim", "16", "--depth", "1", "--heads", "2",
+         "--mlp-dim", "32", "--patch-size", "4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vit")
+    folder = make_image_folder(root / "colors")
+    out = str(root / "run")
+    metrics = vit.main(["--dataset", folder, "--out", out] + SMALL)
+    return folder, out, metrics
+
+
+def test_cli_run_writes_all_outputs(trained_run, capsys):
+    folder, out, metrics = trained_run
+    for name in ("model.pth", "checkpoint.pth", "metrics.json", "curves.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    records = json.load(open(os.path.join(out, "metrics.json")))
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"):
+        assert all(isinstance(r[key], float) for r in records), key
+    assert records[-1]["lr"] < 1e-6                   # the cosine ends at zero on the budget
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    saved = torch.load(os.path.join(out, "model.pth"), weights_only=True)
+    assert saved["classes"] == ["blue", "red"] and saved["config"]["image_size"] == 16
+
+
+def test_eval_reproduces_the_final_test_accuracy(trained_run, capsys):
+    folder, out, metrics = trained_run
+    acc = vit.main(["--eval", os.path.join(out, "model.pth"), "--device", "cpu"])
+    assert acc == pytest.approx(metrics[-1]["test_acc"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("test accuracy: ")
+
+
+def test_resume_extends_a_run_in_its_folder(trained_run, tmp_path):
+    folder, out, metrics = trained_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("checkpoint.pth", "model.pth", "metrics.json"):
+        (copy / name).write_bytes(open(os.path.join(out, name), "rb").read())
+    more = vit.main(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3"])
+    assert [m["epoch"] for m in more] == [1, 2, 3]
+    assert more[:2] == metrics                       # history kept, not retrained
+    assert len(json.load(open(copy / "metrics.json"))) == 3
+
+
+def test_a_crash_keeps_the_last_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "colors")
+    args = ["--dataset", folder, "--epochs", "4"] + SMALL[2:]
+    full = vit.main(args + ["--out", str(tmp_path / "full")])
+    # The same run, killed during epoch 3's evaluation: epoch 2's checkpoint must survive.
+    real_evaluate, calls = vit.evaluate, []
+
+    def crash_on_third_call(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(vit, "evaluate", crash_on_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        vit.main(args + ["--out", str(tmp_path / "crashed")])
+    monkeypatch.setattr(vit, "evaluate", real_evaluate)
+    ckpt = torch.load(tmp_path / "crashed" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2
+    resumed = vit.main(["--resume", str(tmp_path / "crashed" / "checkpoint.pth")])
+    # Same data order, same augmentation, same schedule: the same numbers as without a crash.
+    for a, b in zip(resumed, full):
+        assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "seconds"})
+
+
+# ------------------------------------------------------------------------------------------
+# vit.py: misuse ends with one clear sentence and a non-zero exit, never a traceback
+# ------------------------------------------------------------------------------------------
+def fails_with(argv, capsys, *words):
+    with pytest.raises(SystemExit) as e:
+        vit.main(argv)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith(("error:", "vit.py: error:", "usage:")) or "error:" in last, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+class Evil:
+    """Unpickling this runs a shell command: a booby-trapped checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def colors(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("misuse") / "colors")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--patch-size", "5"], ["not divisible by patch size"]),
+    (["--dim", "30", "--heads", "4"], ["not divisible by heads"]),
+    (["--epochs", "0"], ["--epochs must be positive"]),
+    (["--epochs", "-3"], ["--epochs must be positive"]),
+    (["--batch-size", "0"], ["--batch-size must be positive"]),
+    (["--lr", "0"], ["--lr must be positive"]),
+    (["--lr", "-0.1"], ["--lr must be positive"]),
+    (["--preset", "huge"], ["unknown preset"]),
+])
+def test_bad_options_exit_with_a_message(flags, words, colors, capsys, tmp_path):
+    fails_with(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL + flags, capsys,
+               *words)
+
+
+def test_unknown_dataset_name(capsys):
+    fails_with(["--dataset", "imagenet-21k"], capsys, "unknown dataset", "cifar10")
+
+
+def test_folder_without_train_and_test(tmp_path, capsys):
+    (tmp_path / "cats").mkdir()
+    fails_with(["--dataset", str(tmp_path)], capsys, "train/", "test/")
+
+
+def test_missing_data_offline_says_how_to_point_at_a_local_copy(tmp_path, capsys, monkeypatch):
+    # The real torchvision class runs its check for local files, then its download, which
+    # fails as it does with no network.
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
+    fails_with(["--dataset", "fashionmnist", "--data-root", str(tmp_path)], capsys,
+               "--data-root", "--dataset")
+
+
+def test_checkpoint_missing_corrupt_or_booby_trapped(trained_run, tmp_path, capsys):
+    _, out, _ = trained_run
+    fails_with(["--eval", str(tmp_path / "nope.pth")], capsys, "does not exist")
+    fails_with(["--resume", str(tmp_path / "nope.pth")], capsys, "does not exist")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(open(os.path.join(out, "model.pth"), "rb").read()[:2000])
+    fails_with(["--eval", str(corrupt)], capsys, "corrupt")
+    marker = tmp_path / "pwned"
+    trapped = tmp_path / "trapped.pth"
+    torch.save({"config": {}, "classes": [], "payload": Evil(marker)}, trapped)
+    fails_with(["--eval", str(trapped)], capsys, "refused")
+    fails_with(["--resume", str(trapped)], capsys, "refused")
+    assert not marker.exists()
+    fails_with(["--resume", os.path.join(out, "model.pth")], capsys, "checkpoint.pth")
+    fails_with(["--eval", os.path.join(out, "checkpoint.pth")], capsys, "model.pth")
+
+
+def test_checkpoint_that_does_not_fit_the_data_or_the_model(trained_run, tmp_path, capsys):
+    _, out, _ = trained_run
+    three = make_image_folder(tmp_path / "three", classes=("red", "green", "blue"), n_train=2,
+                              n_test=2)
+    model_pth = os.path.join(out, "model.pth")
+    fails_with(["--eval", model_pth, "--dataset", three], capsys, "does not fit")
+    saved = torch.load(model_pth, weights_only=True)
+    saved["config"]["dim"] = 24                       # the weights are for dim 16
+    saved["config"]["heads"] = 2
+    torch.save(saved, tmp_path / "wrong.pth")
+    fails_with(["--eval", str(tmp_path / "wrong.pth")], capsys, "do not fit")
+
+
+def test_misuse_from_the_shell_has_no_traceback():
+    r = subprocess.run([sys.executable, "vit.py", "--epochs", "0"], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip() == "error: --epochs must be positive, got 0."
+
+
+# ------------------------------------------------------------------------------------------
+# Both scripts in notebooks: importing runs nothing, the kernel's argv does not crash
+# ------------------------------------------------------------------------------------------
+def test_import_prints_and_writes_nothing(tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", "import vit, transformer"], capture_output=True,
+                       text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": here})
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    assert os.listdir(tmp_path) == []
+
+
+def test_notebook_kernel_arguments_are_ignored(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/kernel.json"])
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)
+    args = vit.parse_args()
+    assert vit.resolve_config(args) == vit.Config()
+    assert tf.parse_args().steps == tf.Config.steps
+
+
+def test_presets_are_overridden_by_explicit_flags():
+    cfg = vit.resolve_config(vit.parse_args(["--preset", "cpu", "--dim", "48"]))
+    assert cfg.dim == 48 and cfg.depth == vit.PRESETS["cpu"]["depth"]
