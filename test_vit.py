@@ -248,8 +248,12 @@ import vit  # noqa: E402
 
 def tiny_vit(in_channels=3, image_size=16, fused=True, pool="cls", seed=0):
     torch.manual_seed(seed)
-    return vit.ViT(image_size=image_size, patch_size=4, in_channels=in_channels, num_classes=5,
-                   dim=32, depth=2, heads=4, mlp_dim=64, fused_attn=fused, pool=pool)
+    model = vit.ViT(image_size=image_size, patch_size=4, in_channels=in_channels, num_classes=5,
+                    dim=32, depth=2, heads=4, mlp_dim=64, fused_attn=fused, pool=pool)
+    # The head starts at zero (as in the ViT paper), which makes every output equal; give it
+    # random weights so that outputs depend on the input.
+    nn.init.normal_(model.head.weight, std=0.5)
+    return model
 
 
 def torchvision_state_dict(ours):
@@ -356,8 +360,16 @@ def test_swapping_two_patches_changes_the_output(pool):
 
 
 def test_every_parameter_gets_a_gradient():
-    model = tiny_vit()
-    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    # As built (zero head), only the head learns on the first step; from the second step on,
+    # every parameter must get a gradient.
+    torch.manual_seed(0)
+    model = vit.ViT(16, 4, 3, 5, dim=32, depth=2, heads=4, mlp_dim=64)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 

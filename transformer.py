@@ -495,12 +495,12 @@ def plot_positional_encoding(path, d_model=128, max_len=100):
     import matplotlib.pyplot as plt
     pe = PositionalEncoding(d_model, max_len).pe                         # (max_len, D)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    im = ax1.imshow(pe.T, aspect="auto", cmap="RdBu", origin="lower")
+    im = ax1.imshow(pe.T.numpy(), aspect="auto", cmap="RdBu", origin="lower")
     ax1.set(title=f"Sinusoidal positional encoding (d_model = {d_model})",
             xlabel="position", ylabel="dimension")
     fig.colorbar(im, ax=ax1, label="PE value")
     for dim in (4, 5, 20, 60):
-        ax2.plot(pe[:, dim], label=f"dim {dim}")
+        ax2.plot(pe[:, dim].numpy(), label=f"dim {dim}")
     ax2.set(title="A few of its sinusoids", xlabel="position", ylabel="PE value")
     ax2.legend()
     save_figure(fig, path)
@@ -509,7 +509,7 @@ def plot_positional_encoding(path, d_model=128, max_len=100):
 def plot_causal_mask(path, T=8):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.imshow(causal_mask(T), cmap="Greens", vmin=0, vmax=1)
+    ax.imshow(causal_mask(T).numpy(), cmap="Greens", vmin=0, vmax=1)
     ax.set(title="Causal mask (green = may attend)", xlabel="key position j",
            ylabel="query position i")
     save_figure(fig, path)
@@ -529,7 +529,7 @@ def plot_masks_for_batch(path, strings):
               (both[-1, 0].int(), "Padding & causal, last sequence",
                "key position", "query position")]
     for ax, (m, title, xl, yl) in zip(axes, panels):
-        ax.imshow(m, cmap="Greens", vmin=0, vmax=1)
+        ax.imshow(m.numpy(), cmap="Greens", vmin=0, vmax=1)
         ax.set(title=title, xlabel=xl, ylabel=yl)
     save_figure(fig, path)
 
@@ -555,7 +555,8 @@ def plot_attention(path, model, string, device):
                tgt_names, src_names)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     for ax, (attn, title, rows, cols) in zip(axes, panels):
-        im = ax.imshow(attn.attn_weights[0].mean(0).cpu(), cmap="viridis", vmin=0, vmax=1)
+        im = ax.imshow(attn.attn_weights[0].mean(0).cpu().numpy(), cmap="viridis", vmin=0,
+                       vmax=1)
         ax.set(title=f"{title}\nlast layer, mean over heads",
                xlabel="key token", ylabel="query token",
                xticks=range(len(cols)), yticks=range(len(rows)))
