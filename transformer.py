@@ -462,6 +462,31 @@ def walk_through_shapes(d_model=768, n_tokens=5):
         print(f"equals MultiHeadAttention.forward: {same}")
 
 
+def show_pytorch_weight_layout(d_model=4, n_heads=2):
+    # nn.MultiheadAttention keeps W_q, W_k and W_v stacked in one (3D, D) in_proj_weight
+    # (rows 0..D-1 are W_q, then W_k, then W_v) and W_o in out_proj. We copy the three
+    # slices into our separate W_q, W_k, W_v and get the same output.
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+    ours = MultiHeadAttention(d_model, n_heads)
+    print(f"\n--- where W_q, W_k, W_v live in nn.MultiheadAttention(d_model={d_model}, "
+          f"n_heads={n_heads}) ---")
+    print(f"in_proj_weight {tuple(theirs.in_proj_weight.shape)} = [W_q; W_k; W_v], "
+          f"in_proj_bias {tuple(theirs.in_proj_bias.shape)}, out_proj = W_o")
+    weights = theirs.in_proj_weight.detach().chunk(3)            # 3 x (D, D)
+    biases = theirs.in_proj_bias.detach().chunk(3)               # 3 x (D,)
+    with torch.no_grad():
+        for i, name in enumerate(("W_q", "W_k", "W_v")):
+            print(f"{name} = in_proj_weight[{i * d_model}:{(i + 1) * d_model}]:")
+            print(weights[i].numpy().round(3))
+            getattr(ours, name).weight.copy_(weights[i])
+            getattr(ours, name).bias.copy_(biases[i])
+        ours.W_o.load_state_dict(theirs.out_proj.state_dict())
+        x = torch.randn(1, 3, d_model)
+        same = torch.allclose(ours(x, x, x), theirs(x, x, x)[0], atol=1e-6)
+    print(f"our MultiHeadAttention with these slices gives the same output: {same}")
+
+
 def show_masked_attention(T=5):
     print(f"\n--- causal mask for {T} tokens (True = may attend) ---")
     mask = causal_mask(T)
@@ -597,6 +622,7 @@ def main(argv=None):
     t_start = time.time()
 
     walk_through_shapes()
+    show_pytorch_weight_layout()
     show_masked_attention()
 
     train_strings, test_strings, longer_strings = make_datasets(cfg)

@@ -353,7 +353,15 @@ class Data:
     def to(self, device):
         for name in ("train_x", "train_y", "test_x", "test_y"):
             setattr(self, name, getattr(self, name).to(device))
+        # Kept on the device once: a tensor built from a list at every step would be a
+        # host-to-device copy (and a wait) at every step.
+        self.mean_t = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        self.std_t = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
         return self
+
+    def normalize(self, x):
+        # uint8 (B, C, H, W) -> float, zero mean and unit variance per channel
+        return (x.float() / 255 - self.mean_t) / self.std_t
 
 
 OFFLINE_HINT = ("if this machine is offline, point --data-root at a folder that already holds "
@@ -466,13 +474,6 @@ def augment(x, pad, flip):
     return x
 
 
-def normalize(x, mean, std):
-    # uint8 (B, C, H, W) -> float, zero mean and unit variance per channel
-    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255 - mean) / std
-
-
 # -----------------------------------------------------------------------------------------
 # 7. Training and evaluation
 # AdamW (decoupled weight decay), a learning rate that rises linearly over the first
@@ -530,7 +531,7 @@ def train_one_epoch(model, data, opt, sched, cfg, device, amp, epoch):
     for step in range(steps):
         idx = perm[step * bs:(step + 1) * bs]
         x = augment(data.train_x[idx], pad, cfg.flip and cfg.augment)   # (B, C, H, W) uint8
-        x = normalize(x, data.mean, data.std)                     # (B, C, H, W) float
+        x = data.normalize(x)                                     # (B, C, H, W) float
         y = data.train_y[idx]                                     # (B,)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(x)                                     # (B, K)
@@ -560,7 +561,7 @@ def evaluate(model, data, cfg, device, amp, batch_size=1024):
     model.eval()
     loss_sum, preds = torch.zeros((), device=device), []
     for i in range(0, data.test_x.size(0), batch_size):
-        x = normalize(data.test_x[i:i + batch_size], data.mean, data.std)
+        x = data.normalize(data.test_x[i:i + batch_size])
         y = data.test_y[i:i + batch_size]
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(x)
@@ -653,7 +654,9 @@ def time_train_steps(model, images, labels, amp, steps):
 
 def benchmark(cfg, device, rounds=5, steps=3):
     import torchvision
-    size = cfg.image_size or 32
+    # CIFAR-sized images unless --image-size says otherwise: the multiple of the patch size
+    # nearest to 32 (28 for 7x7 patches)
+    size = cfg.image_size or cfg.patch_size * max(1, round(32 / cfg.patch_size))
     torch.manual_seed(cfg.seed)
     images = torch.randn(cfg.batch_size, 3, size, size, device=device)
     labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
@@ -684,9 +687,10 @@ def benchmark(cfg, device, rounds=5, steps=3):
 # -----------------------------------------------------------------------------------------
 # 10. Figures (PNG files; also shown inline when running in a notebook)
 # -----------------------------------------------------------------------------------------
-def save_figure(fig, path):
+def save_figure(fig, path, tight=True):
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     if "ipykernel" in sys.modules:
         plt.show()
@@ -710,7 +714,7 @@ def plot_curves(metrics, path):
     save_figure(fig, path)
 
 
-def to_display(images, data):
+def to_display(images):
     # uint8 (B, C, H, W) -> list of (H, W) or (H, W, 3) arrays for imshow
     images = images.cpu()
     return [im[0].numpy() if im.size(0) == 1 else im.permute(1, 2, 0).numpy() for im in images]
@@ -744,7 +748,7 @@ def attention_maps(model, images):
 def plot_attention(model, data, path, n_images=6):
     import matplotlib.pyplot as plt
     images = data.test_x[:n_images]                                   # (B, C, H, W) uint8
-    rollout, last = attention_maps(model, normalize(images, data.mean, data.std))
+    rollout, last = attention_maps(model, data.normalize(images))
     side = int(math.isqrt(rollout.size(1)))                           # H / P
 
     def upsample(maps):
@@ -758,7 +762,7 @@ def plot_attention(model, data, path, n_images=6):
     cmap = "gray" if images.size(1) == 1 else None
     roll = upsample(rollout)
     per_head = [upsample(last[:, h]) for h in range(heads)]
-    for i, im in enumerate(to_display(images, data)):
+    for i, im in enumerate(to_display(images)):
         axes[i, 0].imshow(im, cmap=cmap)
         axes[i, 0].set_title(data.classes[data.test_y[i]][:12], fontsize=8)
         axes[i, 1].imshow(im, cmap=cmap)
@@ -800,11 +804,7 @@ def plot_pos_embed(model, path):
     fig.supylabel("input patch row")
     fig.suptitle("Position embedding similarity (cosine) of each patch with all patches")
     fig.colorbar(im, ax=axes, shrink=0.6, label="cosine similarity")
-    fig.savefig(path, dpi=110)
-    if "ipykernel" in sys.modules:
-        plt.show()
-    plt.close(fig)
-    print(f"saved {path}")
+    save_figure(fig, path, tight=False)          # tight_layout cannot place a shared colorbar
 
 
 def plot_confusion(data, preds, path):
@@ -836,11 +836,11 @@ def plot_mistakes(data, preds, path, n=24):
     wrong = (preds != data.test_y).nonzero().flatten()[:n].cpu()
     cols = 8
     rows = max(1, math.ceil(len(wrong) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.1 * rows), squeeze=False)
     cmap = "gray" if data.test_x.size(1) == 1 else None
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i, im in zip(axes.flat, wrong, to_display(data.test_x[wrong], data)):
+    for ax, i, im in zip(axes.flat, wrong, to_display(data.test_x[wrong])):
         ax.imshow(im, cmap=cmap)
         ax.set_title(f"true {data.classes[data.test_y[i]][:10]}\npred "
                      f"{data.classes[preds[i]][:10]}", fontsize=7)
