@@ -3,13 +3,20 @@
 Each test compares against an independent reference where one exists: PyTorch's own modules
 with copied weights, the paper's formulas, or a second code path in the same file.
 """
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
+from PIL import Image
 
 import transformer as tf
+import vit
 
 torch.set_num_threads(2)
 
@@ -226,6 +233,17 @@ def test_greedy_decode_pads_after_eos():
             assert all(t == tf.PAD for t in row[row.index(tf.EOS) + 1:])
 
 
+def test_transformer_figures_are_written(tmp_path):
+    model = small_model()
+    strings = [[3, 4, 5, 6], [7, 8]]
+    tf.plot_positional_encoding(str(tmp_path / "pe.png"))
+    tf.plot_causal_mask(str(tmp_path / "causal.png"))
+    tf.plot_masks_for_batch(str(tmp_path / "masks.png"), strings)
+    tf.plot_attention(str(tmp_path / "attention.png"), model, strings[0], "cpu")
+    for name in ("pe.png", "causal.png", "masks.png", "attention.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+
+
 def test_transformer_script_options_are_validated():
     with pytest.raises(SystemExit) as e:
         tf.parse_args(["--steps", "0"])
@@ -235,15 +253,6 @@ def test_transformer_script_options_are_validated():
 # ==========================================================================================
 # vit.py
 # ==========================================================================================
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import torchvision  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import vit  # noqa: E402
 
 
 def tiny_vit(in_channels=3, image_size=16, fused=True, pool="cls", seed=0):
@@ -432,7 +441,8 @@ def trained_run(tmp_path_factory):
 
 def test_cli_run_writes_all_outputs(trained_run, capsys):
     folder, out, metrics = trained_run
-    for name in ("model.pth", "checkpoint.pth", "metrics.json", "curves.png"):
+    for name in ("model.pth", "checkpoint.pth", "metrics.json", "curves.png", "attention.png",
+                 "pos_embed.png", "confusion.png", "mistakes.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     records = json.load(open(os.path.join(out, "metrics.json")))
     assert [r["epoch"] for r in records] == [1, 2]
@@ -444,11 +454,30 @@ def test_cli_run_writes_all_outputs(trained_run, capsys):
     assert saved["classes"] == ["blue", "red"] and saved["config"]["image_size"] == 16
 
 
-def test_eval_reproduces_the_final_test_accuracy(trained_run, capsys):
+def test_eval_reproduces_the_final_test_accuracy_and_draws_the_figures(trained_run, capsys,
+                                                                       tmp_path):
     folder, out, metrics = trained_run
-    acc = vit.main(["--eval", os.path.join(out, "model.pth"), "--device", "cpu"])
+    acc = vit.main(["--eval", os.path.join(out, "model.pth"), "--device", "cpu",
+                    "--out", str(tmp_path)])
     assert acc == pytest.approx(metrics[-1]["test_acc"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("test accuracy: ")
+    for name in ("attention.png", "pos_embed.png", "confusion.png", "mistakes.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+
+
+def test_compare_plots_several_runs(trained_run, tmp_path):
+    _, out, _ = trained_run
+    vit.main(["--compare", out, out, "--out", str(tmp_path)])
+    assert os.path.getsize(tmp_path / "compare.png") > 0
+
+
+def test_attention_rollout_is_a_distribution_over_patches():
+    model = tiny_vit().eval()
+    rollout, last = vit.attention_maps(model, torch.randn(3, 3, 16, 16))
+    assert rollout.shape == (3, 16) and last.shape == (3, 4, 16)
+    # the CLS row of a product of row-stochastic matrices: patch shares sum to at most 1
+    assert torch.all(rollout >= 0) and torch.all(rollout.sum(-1) <= 1 + 1e-6)
+    assert model.blocks[0].attn.fused                       # the fused path is restored
 
 
 def test_resume_extends_a_run_in_its_folder(trained_run, tmp_path):

@@ -361,7 +361,7 @@ class Config:
     n_heads: int = 4
     n_layers: int = 2
     d_ff: int = 256
-    dropout: float = 0.0
+    dropout: float = 0.0            # the paper uses 0.1; this toy task does not overfit
     min_len: int = 4
     max_len: int = 12
     n_train: int = 100_000
@@ -395,7 +395,8 @@ def train(model, train_strings, cfg, device, log_every=250):
     losses, t0 = [], time.time()
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(len(train_strings), (cfg.batch_size,), generator=g).tolist()
-        src, tgt_in, tgt_out = (t.to(device) for t in make_batch([train_strings[i] for i in idx]))
+        batch = make_batch([train_strings[i] for i in idx])
+        src, tgt_in, tgt_out = (t.to(device) for t in batch)            # (B, S), (B, T), (B, T)
         loss = loss_fn(model(src, tgt_in), tgt_out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -404,8 +405,9 @@ def train(model, train_strings, cfg, device, log_every=250):
         sched.step()
         losses.append(loss.item())
         if step % log_every == 0 or step == cfg.steps:
-            print(f"step {step:5d}/{cfg.steps}  loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}"
-                  f"  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:.1f}s")
+            recent = losses[-log_every:]
+            print(f"step {step:5d}/{cfg.steps}  loss {sum(recent) / len(recent):.4f}  "
+                  f"lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:.1f}s")
     return losses
 
 
@@ -438,8 +440,9 @@ def walk_through_shapes(d_model=768, n_tokens=5):
         print(f"\n--- {title} self-attention, d_model = {d_model}, {n_tokens} tokens ---")
         print(f"tokens x                      {tuple(x.shape)}")
         for name in ("W_q", "W_k", "W_v", "W_o"):
-            w = getattr(mha, name).weight
-            print(f"{name}.weight                  {tuple(w.shape)}  (bias {tuple(getattr(mha, name).bias.shape)})")
+            layer = getattr(mha, name)
+            print(f"{name}.weight                  {tuple(layer.weight.shape)}  "
+                  f"(bias {tuple(layer.bias.shape)})")
         Q, K, V = mha.W_q(x), mha.W_k(x), mha.W_v(x)                     # (B, T, D) each
         print(f"Q = x W_q^T + b, K, V         {tuple(Q.shape)} each")
         q = Q.view(1, n_tokens, n_heads, d_model // n_heads)             # (B, T, H, Dh)

@@ -278,11 +278,7 @@ MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "d
 
 
 def validate(cfg):
-    for name in ("epochs", "batch_size", "lr"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, "
-                            f"got {getattr(cfg, name)}.")
-    for name in ("patch_size", "dim", "depth", "heads", "mlp_dim"):
+    for name in ("epochs", "batch_size", "lr", "patch_size", "dim", "depth", "heads", "mlp_dim"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, "
                             f"got {getattr(cfg, name)}.")
@@ -291,8 +287,12 @@ def validate(cfg):
     if cfg.dim % cfg.heads != 0:
         raise UserError(f"dim {cfg.dim} is not divisible by heads {cfg.heads}; every head must "
                         f"get an equal share of the width.")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}.")
+    for name in ("dropout", "warmup", "label_smoothing"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), "
+                            f"got {getattr(cfg, name)}.")
+    if cfg.weight_decay < 0:
+        raise UserError(f"--weight-decay must not be negative, got {cfg.weight_decay}.")
 
 
 def pick_device(name=None):
