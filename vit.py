@@ -745,9 +745,17 @@ def attention_maps(model, images):
     return rollout[:, 0, 1:], weights[-1][:, :, 0, 1:]
 
 
+def spread(n_items, n):
+    # n indices spread evenly over range(n_items): test folders are often sorted by class
+    return torch.linspace(0, n_items - 1, min(n, n_items)).round().long().unique()
+
+
 def plot_attention(model, data, path, n_images=6):
     import matplotlib.pyplot as plt
-    images = data.test_x[:n_images]                                   # (B, C, H, W) uint8
+    picked = spread(data.test_x.size(0), n_images).to(data.test_x.device)
+    n_images = len(picked)
+    images = data.test_x[picked]                                      # (B, C, H, W) uint8
+    labels = data.test_y[picked].tolist()
     rollout, last = attention_maps(model, data.normalize(images))
     side = int(math.isqrt(rollout.size(1)))                           # H / P
 
@@ -764,7 +772,7 @@ def plot_attention(model, data, path, n_images=6):
     per_head = [upsample(last[:, h]) for h in range(heads)]
     for i, im in enumerate(to_display(images)):
         axes[i, 0].imshow(im, cmap=cmap)
-        axes[i, 0].set_title(data.classes[data.test_y[i]][:12], fontsize=8)
+        axes[i, 0].set_title(data.classes[labels[i]][:12], fontsize=8)
         axes[i, 1].imshow(im, cmap=cmap)
         axes[i, 1].imshow(roll[i], cmap="inferno", alpha=0.6)
         for h in range(heads):
@@ -833,19 +841,20 @@ def plot_confusion(data, preds, path):
 
 def plot_mistakes(data, preds, path, n=24):
     import matplotlib.pyplot as plt
-    wrong = (preds != data.test_y).nonzero().flatten()[:n].cpu()
+    wrong = (preds != data.test_y).nonzero().flatten()
+    wrong = wrong[spread(len(wrong), n).to(wrong.device)] if len(wrong) else wrong
     cols = 8
     rows = max(1, math.ceil(len(wrong) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.1 * rows), squeeze=False)
     cmap = "gray" if data.test_x.size(1) == 1 else None
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i, im in zip(axes.flat, wrong, to_display(data.test_x[wrong])):
+    true, pred = data.test_y[wrong].tolist(), preds[wrong].tolist()
+    for ax, t, p, im in zip(axes.flat, true, pred, to_display(data.test_x[wrong])):
         ax.imshow(im, cmap=cmap)
-        ax.set_title(f"true {data.classes[data.test_y[i]][:10]}\npred "
-                     f"{data.classes[preds[i]][:10]}", fontsize=7)
+        ax.set_title(f"true {data.classes[t][:10]}\npred {data.classes[p][:10]}", fontsize=7)
     fig.suptitle(f"Misclassified test images ({(preds != data.test_y).sum().item()} of "
-                 f"{len(preds)} wrong; the first {len(wrong)} shown)")
+                 f"{len(preds)} wrong; {len(wrong)} shown)")
     save_figure(fig, path)
 
 
