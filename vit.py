@@ -710,6 +710,7 @@ def plot_curves(metrics, path):
     ax2.plot(epochs, [100 * m["test_acc"] for m in metrics], "o-", label="test")
     ax2.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, path)
@@ -881,6 +882,7 @@ def plot_compare(runs, path):
                 ms=3, label=f"{os.path.basename(os.path.normpath(run))} "
                             f"({100 * metrics[-1]['test_acc']:.2f}%)")
     ax.set(title="Test accuracy of each run", xlabel="epoch", ylabel="test accuracy (%)")
+    ax.xaxis.get_major_locator().set_params(integer=True)     # whole epochs on the axis
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
