@@ -1,4 +1,4 @@
-"""Tests for transformer.py and vit.py: CPU only, offline, seeded, about a minute on two cores.
+"""Tests for transformer.py and vit.py: CPU only, offline, seeded, about 20 s on two cores.
 
 Each test compares against an independent reference where one exists: PyTorch's own modules
 with copied weights, the paper's formulas, or a second code path in the same file.
