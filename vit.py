@@ -689,6 +689,11 @@ def benchmark(cfg, device, rounds=5, steps=3):
 
 # -----------------------------------------------------------------------------------------
 # 10. Figures (PNG files; also shown inline when running in a notebook)
+# What the model learned, drawn after training and by --eval: loss and accuracy curves,
+# where the CLS token looks (attention rollout across layers and each head of the last
+# layer), how the learned position embeddings relate to each other, the confusion matrix
+# and a grid of mistakes. matplotlib is imported inside the functions, so importing vit.py
+# stays fast and works without a display.
 # -----------------------------------------------------------------------------------------
 def save_figure(fig, path, tight=True):
     import matplotlib.pyplot as plt
@@ -891,7 +896,10 @@ def plot_compare(runs, path):
 
 
 # -----------------------------------------------------------------------------------------
-# 11. main(): parse the command line, then train, resume or evaluate
+# 11. main(): parse the command line, then train, resume, evaluate, compare or benchmark
+# Every error a user can cause is raised as UserError and ends here as one line on stderr
+# and exit status 1. A notebook kernel's own arguments are ignored, so pasting this file into
+# one cell runs main() with the defaults; main([...]) takes options as a list.
 # -----------------------------------------------------------------------------------------
 def build_parser():
     p = argparse.ArgumentParser(
