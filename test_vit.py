@@ -308,6 +308,22 @@ def test_fused_and_hand_written_attention_agree():
         torch.testing.assert_close(fused(x), manual(x), rtol=0, atol=1e-5)
 
 
+def test_hand_written_attention_in_bf16_stays_close_to_float32():
+    # Under bf16 autocast (the training default on this CPU) and in a model cast to bf16,
+    # the softmax runs in float32 and its result returns to bf16 for the product with V.
+    torch.manual_seed(0)
+    attn = vit.Attention(32, 4, fused=False).eval()
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        want = attn(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = attn(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=0.05)
+        got = attn.to(torch.bfloat16)(x.to(torch.bfloat16))
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=0.05)
+
+
 def test_block_attention_equals_nn_multihead_attention():
     torch.manual_seed(0)
     attn = vit.Attention(32, 4, fused=False).eval()
@@ -452,6 +468,8 @@ def test_cli_run_writes_all_outputs(trained_run, capsys):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     saved = torch.load(os.path.join(out, "model.pth"), weights_only=True)
     assert saved["classes"] == ["blue", "red"] and saved["config"]["image_size"] == 16
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert ckpt["config"]["crop_pad"] == 2            # the default, image side / 8, resolved
 
 
 def test_eval_reproduces_the_final_test_accuracy_and_draws_the_figures(trained_run, capsys,
@@ -557,6 +575,7 @@ def colors(tmp_path_factory):
     (["--batch-size", "0"], ["--batch-size must be positive"]),
     (["--lr", "0"], ["--lr must be positive"]),
     (["--lr", "-0.1"], ["--lr must be positive"]),
+    (["--crop-pad", "-1"], ["--crop-pad must not be negative"]),
     (["--preset", "huge"], ["unknown preset"]),
 ])
 def test_bad_options_exit_with_a_message(flags, words, colors, capsys, tmp_path):
