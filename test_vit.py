@@ -1,4 +1,4 @@
-"""Tests for transformer.py and vit.py: CPU only, offline, seeded, about 20 s on two cores.
+"""Tests for transformer.py and vit.py: CPU only, offline, seeded, about a minute on two cores.
 
 Each test compares against an independent reference where one exists: PyTorch's own modules
 with copied weights, the paper's formulas, or a second code path in the same file.
@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -451,8 +452,15 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("vit")
     folder = make_image_folder(root / "colors")
     out = str(root / "run")
-    metrics = vit.main(["--dataset", folder, "--out", out] + SMALL)
+    acc = vit.main(["--dataset", folder, "--out", out] + SMALL)
+    metrics = read_metrics(out)
+    assert acc == metrics[-1]["test_acc"]             # main() returns the final accuracy
     return folder, out, metrics
+
+
+def read_metrics(run):
+    with open(os.path.join(run, "metrics.json")) as f:
+        return json.load(f)
 
 
 def test_cli_run_writes_all_outputs(trained_run, capsys):
@@ -504,16 +512,21 @@ def test_resume_extends_a_run_in_its_folder(trained_run, tmp_path):
     copy.mkdir()
     for name in ("checkpoint.pth", "model.pth", "metrics.json"):
         (copy / name).write_bytes(open(os.path.join(out, name), "rb").read())
-    more = vit.main(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3"])
+    vit.main(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3"])
+    more = read_metrics(copy)
     assert [m["epoch"] for m in more] == [1, 2, 3]
     assert more[:2] == metrics                       # history kept, not retrained
-    assert len(json.load(open(copy / "metrics.json"))) == 3
 
 
-def test_a_crash_keeps_the_last_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_crash_keeps_the_last_checkpoint_and_resume_continues_exactly(precision, tmp_path,
+                                                                        monkeypatch):
+    # fp16 (the T4 path) runs on the CPU too, with its GradScaler: the scaler's state must
+    # survive the crash like everything else.
     folder = make_image_folder(tmp_path / "colors")
-    args = ["--dataset", folder, "--epochs", "4"] + SMALL[2:]
-    full = vit.main(args + ["--out", str(tmp_path / "full")])
+    args = ["--dataset", folder, "--epochs", "4", "--precision", precision] + SMALL[2:]
+    vit.main(args + ["--out", str(tmp_path / "full")])
+    full = read_metrics(tmp_path / "full")
     # The same run, killed during epoch 3's evaluation: epoch 2's checkpoint must survive.
     real_evaluate, calls = vit.evaluate, []
 
@@ -529,7 +542,10 @@ def test_a_crash_keeps_the_last_checkpoint_and_resume_continues_exactly(tmp_path
     monkeypatch.setattr(vit, "evaluate", real_evaluate)
     ckpt = torch.load(tmp_path / "crashed" / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2
-    resumed = vit.main(["--resume", str(tmp_path / "crashed" / "checkpoint.pth")])
+    assert (precision == "fp16") == ("scale" in ckpt["scaler"])
+    vit.main(["--resume", str(tmp_path / "crashed" / "checkpoint.pth")])
+    resumed = read_metrics(tmp_path / "crashed")
+    assert len(resumed) == 4 and full[-1]["test_acc"] == 1.0       # it trained
     # Same data order, same augmentation, same schedule: the same numbers as without a crash.
     for a, b in zip(resumed, full):
         assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx(
@@ -576,7 +592,8 @@ def colors(tmp_path_factory):
     (["--lr", "0"], ["--lr must be positive"]),
     (["--lr", "-0.1"], ["--lr must be positive"]),
     (["--crop-pad", "-1"], ["--crop-pad must not be negative"]),
-    (["--preset", "huge"], ["unknown preset"]),
+    (["--preset", "huge"], ["invalid choice", "huge"]),
+    (["--precision", "fp8"], ["invalid choice", "fp8"]),
 ])
 def test_bad_options_exit_with_a_message(flags, words, colors, capsys, tmp_path):
     fails_with(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL + flags, capsys,
@@ -651,14 +668,212 @@ def test_import_prints_and_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_notebook_kernel_arguments_are_ignored(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/kernel.json"])
+@pytest.mark.parametrize("script", [vit, tf])
+def test_notebook_kernel_arguments_are_ignored_but_run_options_count(script, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)           # as inside a Jupyter kernel
+    for kernel_argv in (["ipykernel_launcher.py", "-f", "/root/.local/kernel-1.json"],
+                        ["colab_kernel_launcher.py", "-f", "/root/kernel-2.json"],
+                        ["ipykernel_launcher.py", "--f=/home/u/kernel-v3.json"]):
+        monkeypatch.setattr(sys, "argv", kernel_argv)
+        assert script.command_line(None) == []
+    # IPython's `%run vit.py --epochs 5` sets sys.argv to the script and the user's options
+    monkeypatch.setattr(sys, "argv", [script.__name__ + ".py", "--seed", "7"])
+    assert script.command_line(None) == ["--seed", "7"]
+    assert script.build_parser().parse_args(script.command_line(None)).seed == 7
+
+
+@pytest.mark.parametrize("script, bad", [(vit, ["--epochs", "0", "--dataset", "nowhere"]),
+                                         (vit, ["--epochs", "zero"]),
+                                         (tf, ["--steps", "0"]), (tf, ["--steps", "zero"])])
+def test_a_user_error_in_a_notebook_returns_instead_of_exiting(script, bad, monkeypatch,
+                                                               capsys):
     monkeypatch.setitem(sys.modules, "ipykernel", sys)
-    args = vit.parse_args()
-    assert vit.resolve_config(args) == vit.Config()
-    assert tf.parse_args().steps == tf.Config.steps
+    assert script.main(bad) is None                              # no SystemExit
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err.splitlines()[-1]
+    assert script.__name__ + ".py" in err or err.startswith("error:")   # named by the script
+    assert script.main(["--help"]) is None
+    assert "usage: " + script.__name__ + ".py" in capsys.readouterr().out
+
+
+def test_in_a_shell_a_user_error_still_exits_non_zero(capsys):
+    for script, bad in ((vit, ["--epochs", "0"]), (tf, ["--steps", "0"])):
+        with pytest.raises(SystemExit) as e:
+            script.main(bad)
+        assert e.value.code not in (0, None)
 
 
 def test_presets_are_overridden_by_explicit_flags():
-    cfg = vit.resolve_config(vit.parse_args(["--preset", "cpu", "--dim", "48"]))
+    cfg = vit.resolve_config(vit.build_parser().parse_args(["--preset", "cpu", "--dim", "48"]))
     assert cfg.dim == 48 and cfg.depth == vit.PRESETS["cpu"]["depth"]
+
+
+# ------------------------------------------------------------------------------------------
+# vit.py: the precision each device trains in, faked where this CPU cannot be that device
+# ------------------------------------------------------------------------------------------
+def fake_gpu(monkeypatch, name, capability):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("name, capability, expected", [
+    ("Tesla P100", (6, 0), "fp16"), ("Tesla V100", (7, 0), "fp16"), ("Tesla T4", (7, 5), "fp16"),
+    ("NVIDIA A100", (8, 0), "bf16"), ("NVIDIA L4", (8, 9), "bf16"), ("NVIDIA H100", (9, 0), "bf16"),
+])
+def test_precision_policy_on_gpus(name, capability, expected, monkeypatch, capsys):
+    fake_gpu(monkeypatch, name, capability)
+    # torch.cuda.is_bf16_supported() says True on a T4 (it counts emulation): never read
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    precision, why = vit.precision_policy("auto", torch.device("cuda"))
+    assert precision == expected and name in why
+    assert vit.precision_policy("fp32", torch.device("cuda"))[0] == "fp32"
+    assert vit.precision_policy("bf16", torch.device("cuda"))[0] == "bf16"     # as asked...
+    note = capsys.readouterr().out
+    assert ("emulated" in note) == (expected == "fp16")        # ...with a note where emulated
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_policy_on_cpus_and_macs(native, monkeypatch, capsys):
+    monkeypatch.setattr(vit, "cpu_has_bf16", lambda: native)
+    assert vit.precision_policy("auto", torch.device("cpu"))[0] == ("bf16" if native else "fp32")
+    assert vit.precision_policy("auto", torch.device("mps"))[0] == "fp32"
+    vit.precision_policy("bf16", torch.device("cpu"))
+    assert ("emulated" in capsys.readouterr().out) == (not native)
+
+
+def test_float32_on_cuda_uses_tf32(monkeypatch):
+    fake_gpu(monkeypatch, "NVIDIA A100", (8, 0))
+    monkeypatch.setattr(vit, "check_supported", lambda name, device: None)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")             # PyTorch's default
+        vit.choose_precision("fp32", torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"   # the CPU is left alone
+        vit.choose_precision("fp32", torch.device("cuda"))
+        assert torch.get_float32_matmul_precision() == "high"      # TF32 matmuls
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_fp32_builds_no_autocast_context(colors, tmp_path, monkeypatch):
+    # A disabled torch.autocast(...) raised on torch 2.1's CPU and on MPS before torch 2.5.
+    def refuse(*a, **k):
+        raise AssertionError("torch.autocast was built in an fp32 run")
+    monkeypatch.setattr(torch, "autocast", refuse)
+    out = str(tmp_path / "run")
+    vit.main(["--dataset", colors, "--out", out, "--precision", "fp32"] + SMALL[2:])
+    vit.main(["--eval", os.path.join(out, "model.pth"), "--precision", "fp32"])
+    vit.main(["--benchmark", "--precision", "fp32", "--dim", "16", "--depth", "1", "--heads", "2",
+              "--mlp-dim", "32", "--batch-size", "4", "--device", "cpu"])
+
+
+def test_an_unsupported_autocast_is_one_sentence(monkeypatch, capsys):
+    def old_torch(*a, **k):               # what torch <= 2.4 raises for any MPS autocast
+        raise RuntimeError("User specified an unsupported autocast device_type 'mps'")
+    monkeypatch.setattr(torch, "autocast", old_torch)
+    fails_with(["--benchmark", "--precision", "bf16", "--device", "cpu"], capsys,
+               "cannot run bf16 autocast", "--precision fp32")
+
+
+def test_a_skipped_fp16_step_keeps_the_schedule(monkeypatch):
+    # A scale of 2^127 overflows every gradient: the scaler skips the optimizer step, but the
+    # schedule steps all the same (no warning), so the cosine still ends on the last step.
+    model = tiny_vit()
+    cfg = vit.Config(epochs=1, warmup=0.5)
+    opt, sched = vit.build_optimizer(model, cfg, steps_per_epoch=4)
+    _, reference = vit.build_optimizer(tiny_vit(), cfg, steps_per_epoch=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            vit.train_step(model, x, y, opt, sched, scaler, cfg, "fp16", torch.device("cpu"))
+    vit.step_schedule(reference, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # skipped
+    assert scaler.get_scale() == 2.0 ** 125                         # halved twice
+    assert sched.get_last_lr() == reference.get_last_lr()
+
+
+def test_the_mac_random_generator_is_saved_and_restored(monkeypatch):
+    saved = torch.arange(8, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda *a: saved)
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, *a: restored.append(state))
+    state = vit.rng_state(torch.device("mps"))
+    assert torch.equal(state["mps"], saved) and "cpu" in state
+    vit.set_rng_state(state, torch.device("mps"))
+    assert restored and torch.equal(restored[0], saved)
+    assert "mps" not in vit.rng_state(torch.device("cpu"))
+
+
+def test_parameter_names_are_timms():
+    # timm's VisionTransformer names, which a strict load_state_dict into timm needs
+    names = set(tiny_vit().state_dict())
+    block = {f"blocks.{i}.{n}.{w}" for i in range(2) for w in ("weight", "bias")
+             for n in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")}
+    assert names == block | {"cls_token", "pos_embed", "patch_embed.proj.weight",
+                             "patch_embed.proj.bias", "norm.weight", "norm.bias",
+                             "head.weight", "head.bias"}
+
+
+# ------------------------------------------------------------------------------------------
+# vit.py --predict: a trained model on your own images
+# ------------------------------------------------------------------------------------------
+def test_predict_agrees_with_eval_on_test_images(trained_run, tmp_path, capsys):
+    folder, out, _ = trained_run
+    model_pth = os.path.join(out, "model.pth")
+    files = sorted(os.path.join(folder, "test", c, f) for c in ("blue", "red")
+                   for f in os.listdir(os.path.join(folder, "test", c)))
+    jpeg = str(tmp_path / "first.jpg")
+    Image.open(files[0]).convert("RGB").save(jpeg, quality=95)
+    labels = vit.main(["--predict", model_pth, *files, jpeg, "--device", "cpu",
+                       "--out", str(tmp_path)])
+    lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("saved ")]
+    # --eval's path: the image folder decoded, normalised with the saved statistics, evaluated
+    model, cfg, saved = vit.load_model(model_pth, torch.device("cpu"))
+    data = vit.load_data(replace_dataset(cfg, folder))
+    data.mean, data.std = saved["mean"], saved["std"]
+    _, _, preds = vit.evaluate(model, data.to("cpu"), cfg, "fp32", torch.device("cpu"))
+    assert labels[:-1] == [data.classes[p] for p in preds.tolist()]
+    assert labels[-1] == labels[0]                                  # the JPEG of the first
+    for line, path in zip(lines, files + [jpeg]):                   # "file: cls p%, cls p%"
+        assert line.startswith(path + ": ") and line.count("%") == 2   # 2 classes: top 2
+        shares = [float(w.rstrip("%,")) for w in line.split()[2::2]]
+        assert sum(shares) == pytest.approx(100, abs=0.2) and shares == sorted(shares)[::-1]
+    assert os.path.getsize(tmp_path / "first-predicted.png") > 0
+    assert len([f for f in os.listdir(tmp_path) if f.endswith("-predicted.png")]) == len(labels)
+
+
+def replace_dataset(cfg, folder):
+    return vit.Config(**{**vit.asdict(cfg), "dataset": folder})
+
+
+@pytest.mark.parametrize("model_channels, image_mode", [(1, "RGB"), (3, "L")])
+def test_predict_converts_channels_to_the_models(model_channels, image_mode, tmp_path, capsys):
+    model = tiny_vit(in_channels=model_channels)
+    config = {k: getattr(vit.Config(image_size=16, patch_size=4, dim=32, depth=2, heads=4,
+                                    mlp_dim=64), k) for k in vit.MODEL_KEYS}
+    torch.save({"config": {**config, "in_channels": model_channels},
+                "state_dict": model.state_dict(), "classes": list("abcde"),
+                "mean": [0.5] * model_channels, "std": [0.25] * model_channels,
+                "dataset": "x", "data_root": "x"}, tmp_path / "model.pth")
+    image = tmp_path / "photo.png"
+    Image.new(image_mode, (40, 30), 120).save(image)               # other size, other mode
+    labels = vit.main(["--predict", str(tmp_path / "model.pth"), str(image)])
+    assert len(labels) == 1 and labels[0] in "abcde"
+    assert capsys.readouterr().out.strip().count("%") == 3          # the top 3 of 5 classes
+
+
+def test_predict_bad_input_is_one_sentence(trained_run, tmp_path, capsys):
+    _, out, _ = trained_run
+    model_pth = os.path.join(out, "model.pth")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    fails_with(["--predict", model_pth, str(tmp_path / "missing.png")], capsys,
+               "does not exist")
+    fails_with(["--predict", model_pth, str(text)], capsys, "as an image")
+    fails_with(["--predict", str(text), str(text)], capsys, "corrupt or is not a PyTorch file")
+    fails_with(["--predict", os.path.join(out, "checkpoint.pth"), str(text)], capsys,
+               "model.pth")
+    fails_with(["--predict", model_pth], capsys, "one or more image")

@@ -11,7 +11,8 @@ What this file teaches, in reading order:
 Run it:
   python transformer.py                 # trains, prints shapes and results, saves figures
   python transformer.py --out figs      # choose where the PNG figures go
-  In Colab or Jupyter: paste the whole file into one cell and run it (or call main([...])).
+  In Colab or Jupyter: paste the whole file into one cell and run it, then call main([...])
+  with options; or `%run transformer.py --steps 2000`, or `!python transformer.py`.
 
 Papers:
   Vaswani et al. 2017, "Attention Is All You Need", https://arxiv.org/abs/1706.03762
@@ -596,10 +597,12 @@ def plot_attention(path, model, string, device):
 
 # -----------------------------------------------------------------------------------------
 # 13. main()
+# The command line is short: the model and the task are fixed by Config, and only the budget
+# (steps, batch size, learning rate), the seed and where the figures go can be changed.
 # -----------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a from-scratch Transformer to reverse "
-                                            "digit strings.")
+def build_parser():
+    p = argparse.ArgumentParser(prog="transformer.py", description="Train a from-scratch "
+                                "Transformer to reverse digit strings.")
     p.add_argument("--steps", type=int, default=Config.steps, help="training steps")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
     p.add_argument("--lr", type=float, default=Config.lr, help="peak learning rate")
@@ -607,10 +610,25 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/transformer", help="folder for the PNG figures")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
-    # A notebook kernel starts Python with its own arguments (-f kernel.json); ignore them.
-    if argv is None and in_notebook():
-        argv = []
-    args = p.parse_args(argv)
+    return p
+
+
+def command_line(argv):
+    # A Jupyter kernel runs as `python -m ipykernel_launcher -f kernel-1234.json` (VS Code:
+    # --f=...json); those arguments are the kernel's, not ours. IPython's
+    # `%run transformer.py --steps 2000` puts the user's options there instead: they count.
+    if argv is not None:
+        return list(argv)
+    args = sys.argv[1:]
+    first = args[0] if args else ""
+    if in_notebook() and (first == "-f" or first.startswith("--f=")):
+        return []
+    return args
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(command_line(argv))
     for name in ("steps", "batch_size", "lr"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
@@ -618,7 +636,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Runs the lesson with a list of command-line options, e.g. main(["--steps", "2000"]).
+    Returns the exact-match accuracy on held-out strings."""
+    try:
+        args = parse_args(argv)
+    except SystemExit:
+        # argparse has printed the help, or its usage line and the error. From a shell that
+        # ends the program; in a notebook the cell returns and the notebook goes on.
+        if in_notebook():
+            return None
+        raise
     cfg = Config(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     device = torch.device(args.device) if args.device else pick_device()
     torch.manual_seed(cfg.seed)

@@ -1,13 +1,14 @@
 """
 vit.py: a Vision Transformer (ViT) from scratch, trained on CIFAR-10, FashionMNIST or any
-image folder.
+image folder, and used to classify your own images.
 
 What this file teaches, in reading order:
   how an image becomes a sequence (patches, shown as a reshape, and why that is a Conv2d),
   the CLS token, the learned position embedding, pre-norm encoder blocks with multi-head
   self-attention written by hand, the classification head; then a complete training recipe
-  (data kept on the device as uint8, augmentation as tensor ops, AdamW, warmup + cosine,
-  label smoothing, bf16 autocast) with checkpoints you can resume and evaluate.
+  (the precision each device should train in, data kept on the device, augmentation as tensor
+  ops, AdamW, warmup + cosine, label smoothing, gradient clipping and scaling), checkpoints that
+  resume exactly, and how a trained model classifies a new image.
 
 Run it:
   python vit.py --epochs 30                           # CIFAR-10 (downloads into ./data)
@@ -15,23 +16,27 @@ Run it:
   python vit.py --dataset path/to/folder              # any folder with train/ and test/
   python vit.py --resume runs/X/checkpoint.pth --epochs 40
   python vit.py --eval runs/X/model.pth
-  In Colab or Jupyter: paste the whole file into one cell and run it, or call main([...]).
+  python vit.py --predict runs/X/model.pth cat.jpg dog.png
+  In Colab or Jupyter: paste this file into one cell and run it, then call main([...]) with
+  options; or `%run vit.py --epochs 5`, or `!python vit.py --epochs 5`.
 
 Papers:
   Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words", https://arxiv.org/abs/2010.11929
   Vaswani et al. 2017, "Attention Is All You Need", https://arxiv.org/abs/1706.03762
 
 Sections:
-  1. Patches                 5. Configuration, presets   9. Benchmark against torchvision
-  2. Attention               6. Data on the device      10. Figures
-  3. MLP and block           7. Training and evaluation 11. main()
-  4. The ViT (CLS, position) 8. Checkpoints (safe to load)
+  1. Patches                 6. Device and precision      11. Figures
+  2. Attention               7. Data on the device        12. Benchmark against torchvision
+  3. MLP and block           8. Training                  13. Command line and main()
+  4. The ViT (CLS, position) 9. Checkpoints
+  5. Configuration, presets 10. Using a trained model: evaluate, predict
 
 Shape legend:
   B batch, C channels, H, W image height and width, P patch size, N = (H/P)(W/P) patches,
   D = dim (model width), Hd = heads, Dh = D / Hd (width of one head), K classes.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -39,7 +44,9 @@ import pickle
 import sys
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -47,8 +54,14 @@ import torch.nn.functional as F
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, unusable checkpoint): main() prints
-    its one-sentence message and exits non-zero instead of showing a traceback."""
+    """A problem the user can fix (bad flag, missing data, unusable file): main() prints its
+    one-sentence message instead of a traceback."""
+
+
+def in_notebook():
+    # True inside a Jupyter kernel (Colab, Kaggle, VS Code): figures are shown inline, the
+    # progress line is rewritten in place, and main() returns after a user error.
+    return "ipykernel" in sys.modules
 
 
 # -----------------------------------------------------------------------------------------
@@ -135,7 +148,7 @@ class Attention(nn.Module):
 # Why pre-norm, when the original Transformer normalises after the sum: here the residual
 # path from input to output is a clean identity, so gradients reach early layers undamped
 # and training is stable without a long warmup (Xiong et al. 2020). The price is a final
-# LayerNorm before the head (section 5). LayerNorm eps is 1e-6 as in torchvision and timm.
+# LayerNorm before the head (section 4). LayerNorm eps is 1e-6 as in torchvision and timm.
 # -----------------------------------------------------------------------------------------
 class MLP(nn.Module):
     def __init__(self, dim, mlp_dim, dropout=0.0):
@@ -174,8 +187,10 @@ class Block(nn.Module):
 # Position embedding: attention is blind to order, so each of the N + 1 positions gets a
 # learned vector added to its token. Unlike the Transformer's fixed sinusoids, ViT learns
 # them; after training, neighbouring patches end up with similar embeddings (pos_embed.png).
-# Parameter names follow torchvision's and timm's ViTs (patch_embed.proj, cls_token,
-# pos_embed, blocks.i.attn.qkv, ...), so pretrained weights map one to one.
+# Parameter names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed,
+# blocks.i.attn.qkv, blocks.i.mlp.fc1, norm, head): a strict load_state_dict into timm's
+# model of the same size works. torchvision stores the same tensors under other names
+# (conv_proj, class_token, encoder.layers...); test_vit.py maps them one to one.
 # -----------------------------------------------------------------------------------------
 class ViT(nn.Module):
     def __init__(self, image_size, patch_size, in_channels, num_classes, dim, depth, heads,
@@ -187,8 +202,6 @@ class ViT(nn.Module):
         if dim % heads != 0:
             raise UserError(f"dim {dim} is not divisible by heads {heads}; every head must get "
                             f"an equal share of the width.")
-        if pool not in ("cls", "mean"):
-            raise UserError(f"pool must be 'cls' or 'mean', got {pool!r}.")
         self.pool = pool
         n_patches = (image_size // patch_size) ** 2
         self.patch_embed = PatchEmbed(patch_size, in_channels, dim)
@@ -233,18 +246,18 @@ class ViT(nn.Module):
 
 # -----------------------------------------------------------------------------------------
 # 5. Configuration and presets
-# Every option lives in one dataclass, filled from the command line. A preset is a named
-# bundle of defaults; an option given explicitly on the command line always wins over it.
+# Every option lives in one dataclass; the command line (section 13) is generated from it.
+# A preset is a named bundle of defaults; an option given explicitly always wins over it.
 #   default: CIFAR-10 on a GPU, 30 epochs.
-#   cpu:     FashionMNIST on a laptop CPU in under 5 minutes: 7x7 patches (16 tokens, cheap
-#            attention), a narrow and shallow model (3 blocks) so that 25 epochs fit the
-#            budget, a 1-pixel crop and a flip, and a higher learning rate. At equal time,
-#            fewer blocks for more epochs won (the README's tuning table).
+#   cpu:     FashionMNIST on a laptop CPU in about 5 minutes: 7x7 patches (16 tokens, cheap
+#            attention), a narrow and shallow model (3 blocks) so that 25 epochs fit, a
+#            1-pixel crop and a flip, and a higher learning rate. At equal time, fewer blocks
+#            for more epochs won (the README's tuning table).
 #   tiny:    CIFAR-10 with a model whose model.pth stays under 1 MB (209k parameters).
-# The recipe follows what is known to matter on short schedules: patch 4 on 32x32 images,
-# a narrow model with MLP ratio 2, AdamW at 1e-3 with weight decay 0.05, warmup over the
-# first 5% of steps then cosine to zero exactly at the last step, label smoothing 0.1, and
-# light augmentation (random crop with padding, horizontal flip).
+# The recipe follows what is known to matter on short schedules from scratch: patch 4 on
+# 32x32 images (64 tokens: fine enough to see shapes), a narrow model with MLP ratio 2 (small
+# data cannot feed a wide one), and light augmentation. Section 8 says why each piece of
+# the optimisation is there.
 # -----------------------------------------------------------------------------------------
 @dataclass
 class Config:
@@ -252,11 +265,11 @@ class Config:
     data_root: str = "./data"
     epochs: int = 30
     batch_size: int = 512
-    lr: float = 1e-3
+    lr: float = 1e-3                # peak learning rate, reached at the end of the warmup
     weight_decay: float = 0.05
     warmup: float = 0.05            # fraction of all steps spent warming up
     label_smoothing: float = 0.1
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0          # largest global gradient norm
     seed: int = 0
     image_size: int = 0             # 0: the data set's own size
     patch_size: int = 4
@@ -265,12 +278,12 @@ class Config:
     heads: int = 8
     mlp_dim: int = 512
     dropout: float = 0.0
-    pool: str = "cls"
+    pool: str = "cls"               # cls or mean
     augment: bool = True            # master switch for the two below
-    crop_pad: int | None = None     # random-crop padding in pixels; None: image side / 8
+    crop_pad: Optional[int] = None  # random-crop padding in pixels; None: image side / 8
     flip: bool = True
-    precision: str = "auto"         # auto, bf16 or fp32
-    attn: str = "auto"              # auto, fused or manual (see section 2)
+    precision: str = "auto"         # auto, bf16, fp16 or fp32 (section 6)
+    attn: str = "auto"              # auto, fused or manual (section 2)
     compile: bool = False
 
 
@@ -281,28 +294,47 @@ PRESETS = {
     "tiny": dict(batch_size=256, lr=2e-3, dim=64, depth=6, heads=4, mlp_dim=128),
 }
 MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "dropout", "pool")
+CHOICES = {"pool": ("cls", "mean"), "precision": ("auto", "bf16", "fp16", "fp32"),
+           "attn": ("auto", "fused", "manual")}
 
 
 def validate(cfg):
+    def bad(name, rule):
+        return UserError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}.")
     for name in ("epochs", "batch_size", "lr", "patch_size", "dim", "depth", "heads", "mlp_dim"):
         if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, "
-                            f"got {getattr(cfg, name)}.")
-    if cfg.image_size < 0:
-        raise UserError(f"--image-size must be positive, got {cfg.image_size}.")
+            raise bad(name, "be positive")
+    for name in ("dropout", "warmup", "label_smoothing"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise bad(name, "be in [0, 1)")
+    for name in ("image_size", "crop_pad", "weight_decay", "clip_grad"):
+        if (getattr(cfg, name) or 0) < 0:
+            raise bad(name, "not be negative")
     if cfg.dim % cfg.heads != 0:
         raise UserError(f"dim {cfg.dim} is not divisible by heads {cfg.heads}; every head must "
                         f"get an equal share of the width.")
-    for name in ("dropout", "warmup", "label_smoothing"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), "
-                            f"got {getattr(cfg, name)}.")
-    if cfg.crop_pad is not None and cfg.crop_pad < 0:
-        raise UserError(f"--crop-pad must not be negative, got {cfg.crop_pad}.")
-    if cfg.weight_decay < 0:
-        raise UserError(f"--weight-decay must not be negative, got {cfg.weight_decay}.")
 
 
+# -----------------------------------------------------------------------------------------
+# 6. Device and precision
+# Mixed precision ("autocast") runs the matrix products in a 16-bit format, which tensor
+# cores execute several times faster than float32, while sums, norms, softmax and the loss
+# stay in float32. Which 16-bit format pays depends on the hardware, so --precision auto
+# reads the device and picks:
+#   device                           auto   why
+#   CUDA, compute capability >= 8.0  bf16   A100, H100, L4, RTX 30/40: bf16 tensor cores;
+#                                           float32's exponent range, so nothing overflows
+#   CUDA, compute capability < 8.0   fp16   T4 (Colab's free GPU), V100, P100: fp16 tensor
+#                                           cores, bf16 only emulated; fp16's range ends at
+#                                           65504 and small gradients underflow to zero, so
+#                                           the loss is scaled (GradScaler, section 8)
+#   Apple MPS                        fp32   no measurement here says autocast pays on it
+#   CPU with AVX512-BF16 or AMX      bf16   native bf16 instructions
+#   any other CPU                    fp32   bf16 would be emulated: slower than float32
+# torch.cuda.is_bf16_supported() cannot make this choice: it is True on a T4, because it
+# counts emulation. On CUDA, float32 matrix products use TF32 (float32's range, 10 mantissa
+# bits) on A100 and newer: PyTorch's default is exact float32, which wastes the tensor cores.
+# -----------------------------------------------------------------------------------------
 def pick_device(name=None):
     if name:
         available = {"cpu": True, "cuda": torch.cuda.is_available(),
@@ -318,19 +350,6 @@ def pick_device(name=None):
     return torch.device("cpu")
 
 
-def autocast_dtype(cfg, device):
-    # bf16 autocast: matmuls in bfloat16 (same exponent range as float32, so no loss
-    # scaling is needed), reductions and the loss in float32. It pays on GPUs with tensor
-    # cores and on CPUs with bf16 instructions; on Apple's MPS we stay in float32.
-    if cfg.precision == "fp32" or device.type == "mps":
-        return None
-    if cfg.precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_bf16() else None
-
-
 def cpu_has_bf16():
     # True on CPUs with native bf16 instructions (AVX512-BF16, AMX). Elsewhere bf16 is
     # emulated and slower than fp32. (A private PyTorch query; False if it ever goes away.)
@@ -340,14 +359,73 @@ def cpu_has_bf16():
         return False
 
 
+AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}      # fp32: no autocast
+
+
+def precision_policy(requested, device):
+    # Returns the precision's name and why it was chosen, for the line printed at start.
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        native = major >= 8
+        where = f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+    elif device.type == "cpu":
+        native = cpu_has_bf16()
+        where = f"a CPU {'with' if native else 'without'} native bf16 (AVX512-BF16 or AMX)"
+    else:
+        native, where = False, "Apple MPS"
+    if requested == "auto":
+        name = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"
+    else:
+        name = requested
+        if name == "bf16" and not native:
+            print(f"note: bf16 is emulated on {where}: slower, not faster; --precision auto "
+                  f"picks the fast choice.")
+    return name, f"{'auto' if requested == 'auto' else 'asked for'}, on {where}"
+
+
+def choose_precision(requested, device):
+    name, why = precision_policy(requested, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")    # TF32 for what runs in float32
+    check_supported(name, device)
+    return name, why
+
+
+def check_supported(name, device):
+    # Some torch versions refuse some pairs (MPS autocast before torch 2.5); others switch
+    # autocast off with only a warning, which here becomes an error.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with autocast(name, device):
+                pass
+            torch.amp.GradScaler(device.type, enabled=name == "fp16")
+    except (RuntimeError, UserWarning) as e:
+        raise UserError(f"torch {torch.__version__} cannot run {name} autocast on "
+                        f"{device.type} ({str(e).splitlines()[0]}); use --precision fp32.") \
+            from None
+
+
+def autocast(precision, device):
+    # No autocast context at all in float32: even a disabled torch.autocast(...) raises on
+    # some versions (torch 2.1's CPU autocast accepts only bf16; MPS had none before 2.5).
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPE[precision])
+
+
 # -----------------------------------------------------------------------------------------
-# 6. Data, kept on the device as uint8
-# The whole data set is decoded once into uint8 tensors (CIFAR-10 is 150 MB) and moved to
-# the device. Each batch is then augmented there with tensor operations: a random crop
-# from a zero-padded copy (pad = image side / 8 unless --crop-pad says otherwise) and a
-# random horizontal flip. For a model this small, a DataLoader decoding PIL images on the
-# CPU would be the bottleneck on a GPU.
-# Test images are only normalised, with the mean and std of the training split.
+# 7. Data, kept on the device as uint8
+# Why on the device: a DataLoader decodes and augments each batch on the CPU and copies it
+# to the GPU. For a model this small the GPU finishes a step sooner than a Colab CPU can
+# prepare the next batch, so the GPU would wait. CIFAR-10 is only 150 MB as uint8: decoded
+# once, it fits on any GPU, and cropping and flipping a batch there as tensor operations
+# costs next to nothing. (A data set too big for the device memory would need a DataLoader.)
+# Training batches are augmented: a random crop from a zero-padded copy (the object may sit
+# anywhere, and a ViT, unlike a CNN, must learn from examples that a shifted cat is a cat)
+# and a random horizontal flip. The test split is never augmented: it measures the model on
+# the images as they are, the same way every epoch. Both are normalised with the mean and
+# std of the training split: the test split must not leak into anything we fit.
 # -----------------------------------------------------------------------------------------
 @dataclass
 class Data:
@@ -395,10 +473,27 @@ def load_torchvision(name, root):
     return splits, list(ds.classes)
 
 
+def read_image(path, mode, size):
+    # One image file -> uint8 (C, size, size), the way every image of a folder data set is
+    # read, and the way --predict reads yours: converted to the model's channels ("L" gray
+    # or "RGB"), the shorter side resized to `size`, the centre cut square.
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+    if not os.path.isfile(path):
+        raise UserError(f"image {path!r} does not exist.")
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if im.size != (size, size):
+                im = TF.center_crop(TF.resize(im, size, antialias=True), size)
+            return TF.pil_to_tensor(im)                           # (C, size, size)
+    except OSError as e:
+        raise UserError(f"cannot read {path!r} as an image ({e}).") from None
+
+
 def load_image_folder(path, image_size):
     from PIL import Image
     import torchvision
-    from torchvision.transforms import functional as TF
     missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(path, s))]
     if missing:
         raise UserError(f"{path!r} has no {' or '.join(s + '/' for s in missing)} subfolder; an "
@@ -411,24 +506,14 @@ def load_image_folder(path, image_size):
     if train.classes != test.classes:
         raise UserError(f"train/ and test/ of {path!r} hold different classes "
                         f"({train.classes} vs {test.classes}).")
-    with Image.open(train.samples[0][0]) as first:
+    with Image.open(train.samples[0][0]) as first:    # the first image sets mode and size
         mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
         size = image_size or min(first.size)
-
-    def decode(ds):
-        images = torch.empty(len(ds), 1 if mode == "L" else 3, size, size, dtype=torch.uint8)
-        for i, (file, _) in enumerate(ds.samples):
-            try:
-                with Image.open(file) as im:
-                    im = im.convert(mode)
-                    if im.size != (size, size):
-                        im = TF.center_crop(TF.resize(im, size), size)
-                    images[i] = TF.pil_to_tensor(im)                  # (C, size, size)
-            except OSError as e:
-                raise UserError(f"cannot read image {file!r}: {e}") from None
-        return images, torch.tensor(ds.targets)
-
-    return [*decode(train), *decode(test)], train.classes
+    splits = []
+    for ds in (train, test):
+        splits.append(torch.stack([read_image(f, mode, size) for f, _ in ds.samples]))
+        splits.append(torch.tensor(ds.targets))
+    return splits, train.classes
 
 
 def channel_stats(x):
@@ -441,7 +526,7 @@ def channel_stats(x):
         total_sq += (c * c).sum(dim=(0, 2, 3))
     n = x.size(0) * x.size(2) * x.size(3)
     mean = total / n
-    std = (total_sq / n - mean ** 2).clamp_min(1e-12).sqrt()
+    std = (total_sq / n - mean ** 2).clamp_min(1e-12).sqrt()     # Var = E[x^2] - E[x]^2
     return mean.tolist(), std.tolist()
 
 
@@ -484,12 +569,36 @@ def augment(x, pad, flip):
 
 
 # -----------------------------------------------------------------------------------------
-# 7. Training and evaluation
-# AdamW (decoupled weight decay), a learning rate that rises linearly over the first
-# `warmup` fraction of steps and then follows a cosine to zero exactly at the last step
-# (torch's LinearLR + CosineAnnealingLR, stepped every batch), label smoothing 0.1 in the
-# loss, gradient clipping. Losses and accuracies are summed on the device and read once per
-# epoch, because every .item() makes the CPU wait for the GPU.
+# 8. Training
+# One step, in this order (train_step):
+#   1. forward under autocast (section 6), and the loss: cross-entropy with label smoothing
+#      0.1, i.e. the target is 0.9 on the true class plus 0.1 spread over all classes. A
+#      one-hot target can only be met by infinite logits, so the model would keep growing
+#      its weights on examples it already gets right; a smoothed one is met by finite logits.
+#   2. backward: gradients of the loss for every parameter, added into .grad (so zeroed
+#      first). In fp16 the loss is first multiplied by a large scale (2^16 to start): the
+#      gradients are multiplied too, and small ones no longer underflow fp16 to zero.
+#   3. unscale: divide the gradients by that scale again, before anything reads them.
+#   4. clip: if the global gradient norm exceeds 1.0, shrink all gradients in proportion, so
+#      one unlucky batch early in training cannot throw the weights far.
+#   5. optimizer step (AdamW). In fp16 the scaler skips it if any gradient overflowed to inf
+#      or NaN, and halves its scale; after 2000 clean steps it doubles it again.
+#   6. scheduler step: the learning rate for the next step. It steps on skipped steps too:
+#      the schedule is a function of the step number and still ends at zero on the last one.
+# AdamW: Adam divides each weight's step by the running size of its gradients, so every
+# weight learns at a sensible speed whatever its scale. Its weight decay pulls the weights
+# towards zero directly (decoupled: Adam's scaling would otherwise weaken it), a pressure
+# towards simple solutions. Biases, LayerNorm gains, the CLS token and the position
+# embedding get no decay: pulling a LayerNorm gain towards zero silences its features, and
+# these few numbers are not what overfits.
+# Warmup then cosine: at the start Adam's running averages rest on a handful of batches, its
+# steps are unreliable, and large ones can wreck the attention; so the learning rate rises
+# linearly from 0.1% of its peak over the first 5% of steps. Then it follows half a cosine
+# down to exactly zero at the last step: large steps while far from a good solution, ever
+# smaller ones to settle into it. Hence a 30-epoch run is not the first 30 epochs of a
+# 50-epoch run: each schedule ends where its budget ends.
+# Losses and accuracies are summed on the device and read once per epoch: every .item()
+# would make the CPU wait for the GPU to catch up.
 # -----------------------------------------------------------------------------------------
 def use_fused_attn(cfg, device):
     # PyTorch's fused CPU kernel has a slow backward pass. On a 2-core CPU, python vit.py
@@ -505,10 +614,8 @@ def build_model(cfg, in_channels, num_classes, device):
 
 
 def build_optimizer(model, cfg, steps_per_epoch):
-    # No weight decay on biases, LayerNorms, the CLS token and the position embedding:
-    # shrinking them towards zero only hurts.
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n
-             and "cls_token" not in n]
+             and "cls_token" not in n]                            # the weight matrices
     no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
@@ -521,59 +628,67 @@ def build_optimizer(model, cfg, steps_per_epoch):
     return opt, sched
 
 
-def format_time(seconds):
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+def step_schedule(sched, steps=1):
+    # PyTorch warns when the schedule steps while the optimizer did not (a step the fp16
+    # scaler skipped, or a resumed run fast-forwarding to a new length); here that is meant.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        for _ in range(steps):
+            sched.step()
 
 
-def train_one_epoch(model, data, opt, sched, cfg, device, amp, epoch):
-    model.train()
+def train_step(model, x, y, opt, sched, scaler, cfg, precision, device):
+    with autocast(precision, device):
+        logits = model(x)                                         # (B, K)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)                               # None: no zeros written
+    scaler.scale(loss).backward()                                 # (not fp16: loss as is)
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    scaler.step(opt)
+    scaler.update()
+    step_schedule(sched)
+    return logits, loss
+
+
+def train_one_epoch(model, data, opt, sched, scaler, cfg, precision, device, epoch):
+    model.train()                                                 # dropout on
     N, bs = data.train_x.size(0), cfg.batch_size
     steps = math.ceil(N / bs)
     pad = cfg.crop_pad if cfg.augment else 0
-    perm = torch.randperm(N, device=device)
+    perm = torch.randperm(N, device=device)                       # a new order every epoch
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    interactive = sys.stdout.isatty() or "ipykernel" in sys.modules
-    show_every = max(1, steps // (20 if interactive else 4))
+    live = sys.stdout.isatty() or in_notebook()                   # rewrite one progress line
+    show_every = max(1, steps // (20 if live else 4))
     t0 = time.time()
     for step in range(steps):
         idx = perm[step * bs:(step + 1) * bs]
         x = augment(data.train_x[idx], pad, cfg.flip and cfg.augment)   # (B, C, H, W) uint8
         x = data.normalize(x)                                     # (B, C, H, W) float
         y = data.train_y[idx]                                     # (B,)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x)                                     # (B, K)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
-        sched.step()
+        logits, loss = train_step(model, x, y, opt, sched, scaler, cfg, precision, device)
         loss_sum += loss.detach() * y.size(0)
         correct += (logits.argmax(dim=1) == y).sum()
         if (step + 1) % show_every == 0 and step + 1 < steps:
             rate = (step + 1) * bs / (time.time() - t0)
-            msg = (f"  epoch {epoch} [{step + 1}/{steps}] loss {loss.item():.3f} "
-                   f"{rate:,.0f} img/s")
-            print("\r" + msg if interactive else msg, end="" if interactive else "\n",
-                  flush=True)
-    if interactive:
+            msg = f"  epoch {epoch} [{step + 1}/{steps}] loss {loss.item():.3f} {rate:,.0f} img/s"
+            print("\r" + msg if live else msg, end="" if live else "\n", flush=True)
+    if live:
         print("\r" + " " * 60 + "\r", end="")
     return loss_sum.item() / N, correct.item() / N
 
 
-@torch.no_grad()
-def evaluate(model, data, cfg, device, amp, batch_size=1024):
-    # Returns the mean loss (same label-smoothed loss as training, so the curves compare),
-    # the accuracy, and every prediction (for the confusion matrix).
+@torch.no_grad()                  # no graph for backward: faster, and less memory
+def evaluate(model, data, cfg, precision, device, batch_size=1024):
+    # The mean loss (label-smoothed like training's, so the two curves compare), the
+    # accuracy, and every prediction (for the confusion matrix). eval() turns dropout off.
     model.eval()
     loss_sum, preds = torch.zeros((), device=device), []
     for i in range(0, data.test_x.size(0), batch_size):
-        x = data.normalize(data.test_x[i:i + batch_size])
+        x = data.normalize(data.test_x[i:i + batch_size])        # never augmented
         y = data.test_y[i:i + batch_size]
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(precision, device):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
                                     reduction="sum")
@@ -584,11 +699,14 @@ def evaluate(model, data, cfg, device, amp, batch_size=1024):
 
 
 # -----------------------------------------------------------------------------------------
-# 8. Checkpoints, written atomically and loaded safely
-# model.pth:      what you would ship: weights, the model's configuration as plain data,
-#                 class names and normalisation.
-# checkpoint.pth: everything needed to resume: also the optimizer, the scheduler, the epoch,
-#                 the random number generators, the metrics so far, the run's configuration.
+# 9. Checkpoints, written atomically and loaded safely
+# model.pth is what you would ship: the weights, the model's configuration as plain data,
+# the class names and the normalisation, all that --eval and --predict need.
+# checkpoint.pth is what resuming needs to give exactly the numbers of a run never stopped:
+# every state the next step reads. The weights; AdamW's two running averages per weight and
+# its step count; the scheduler's position; the fp16 scaler's scale; the random generators,
+# which decide the next epoch's order, crops and flips (the CPU's, and the GPU's or Mac's,
+# since those are drawn on the device); and the metrics and configuration so far.
 # Both are written to a temporary file and renamed, so a crash mid-write never leaves a
 # half-written file. Both are loaded with weights_only=True: the unpickler then accepts only
 # tensors and plain containers, so a booby-trapped file cannot run code.
@@ -596,12 +714,14 @@ def evaluate(model, data, cfg, device, amp, batch_size=1024):
 def atomic_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    os.replace(tmp, path)                                         # atomic on one file system
 
 
 def load_file(path, what):
     if not os.path.isfile(path):
         raise UserError(f"{what} {path!r} does not exist.")
+    if not zipfile.is_zipfile(path):                              # torch.save writes a zip
+        raise UserError(f"{what} {path!r} is corrupt or is not a PyTorch file.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -614,10 +734,36 @@ def load_file(path, what):
     return obj
 
 
-def model_file(model, cfg, data, in_channels):
-    return {"config": {k: getattr(cfg, k) for k in MODEL_KEYS} | {"in_channels": in_channels},
-            "state_dict": model.state_dict(), "classes": data.classes, "mean": data.mean,
-            "std": data.std, "dataset": cfg.dataset, "data_root": cfg.data_root}
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "mps" and state.get("mps") is not None:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
+    atomic_save({"config": asdict(cfg), "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"],
+                 "rng": rng_state(device), "metrics": metrics, "classes": data.classes,
+                 "mean": data.mean, "std": data.std}, os.path.join(out, "checkpoint.pth"))
+    model_cfg = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    model_cfg["in_channels"] = data.train_x.size(1)
+    atomic_save({"config": model_cfg, "state_dict": model.state_dict(), "classes": data.classes,
+                 "mean": data.mean, "std": data.std, "dataset": cfg.dataset,
+                 "data_root": cfg.data_root}, os.path.join(out, "model.pth"))
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
 
 
 def load_weights(model, state_dict, path):
@@ -634,64 +780,20 @@ def check_fits(saved_classes, data, path):
                         f"this data has {data.classes[:5]}...; it does not fit this data.")
 
 
-# -----------------------------------------------------------------------------------------
-# 9. Benchmark: this ViT against torchvision's, same size, same precision, same run
-# Machines are noisy, so we report a ratio measured in one run: training steps (forward,
-# backward, AdamW) of both models alternate in rounds on the same random batch, and each
-# model's median step time is kept. torchvision's VisionTransformer takes 3-channel images.
-# -----------------------------------------------------------------------------------------
-def time_train_steps(model, images, labels, amp, steps):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    device = images.device
-
-    def step():
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()                                                        # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
-
-
-def benchmark(cfg, device, rounds=5, steps=3):
-    import torchvision
-    # CIFAR-sized images unless --image-size says otherwise: the largest multiple of the
-    # patch size up to 32 (28 for 7x7 patches, FashionMNIST's size)
-    size = cfg.image_size or cfg.patch_size * max(1, 32 // cfg.patch_size)
-    torch.manual_seed(cfg.seed)
-    images = torch.randn(cfg.batch_size, 3, size, size, device=device)
-    labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
-    ours = build_model(replace(cfg, image_size=size), 3, 10, device).to(device)
-    theirs = torchvision.models.VisionTransformer(size, cfg.patch_size, cfg.depth, cfg.heads,
-                                                  cfg.dim, cfg.mlp_dim, num_classes=10)
-    theirs.to(device)
-    print(f"benchmark on {device}: ViT {size}px, patch {cfg.patch_size}, dim {cfg.dim}, depth "
-          f"{cfg.depth}, heads {cfg.heads}, mlp {cfg.mlp_dim}, batch {cfg.batch_size}; "
-          f"attention {'fused' if use_fused_attn(cfg, device) else 'hand-written'}")
-    results = {}
-    precisions = [("fp32", None)]
-    if device.type == "cuda" or cpu_has_bf16():
-        precisions.append(("bf16", torch.bfloat16))
-    for name, amp in precisions:
-        times = {"vit.py": [], "torchvision": []}
-        for _ in range(rounds):
-            for label, model in (("vit.py", ours), ("torchvision", theirs)):
-                times[label].append(time_train_steps(model, images, labels, amp, steps))
-        ours_t, theirs_t = (sorted(t)[len(t) // 2] for t in times.values())
-        results[name] = theirs_t / ours_t
-        print(f"{name}: vit.py {cfg.batch_size / ours_t:,.0f} img/s, torchvision "
-              f"{cfg.batch_size / theirs_t:,.0f} img/s: vit.py is {theirs_t / ours_t:.2f}x "
-              f"as fast (median of {rounds} rounds of {steps} training steps)")
-    return results
+def restore(ckpt, path, cfg, data, model, opt, sched, scaler, steps_per_epoch, device):
+    check_fits(ckpt["classes"], data, path)
+    load_weights(model, ckpt["model"], path)
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["config"]["epochs"] == cfg.epochs:
+        sched.load_state_dict(ckpt["scheduler"])
+    else:
+        # A longer (or shorter) run: the schedule was built for the new length, so that the
+        # cosine ends at the new last epoch; step it past the steps already done.
+        step_schedule(sched, ckpt["epoch"] * steps_per_epoch)
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
+    return ckpt["metrics"]
 
 
 # -----------------------------------------------------------------------------------------
@@ -707,7 +809,7 @@ def save_figure(fig, path, tight=True):
     if tight:
         fig.tight_layout()
     fig.savefig(path, dpi=120)
-    if "ipykernel" in sys.modules:
+    if in_notebook():
         plt.show()
     plt.close(fig)
     print(f"saved {path}")
@@ -761,6 +863,13 @@ def attention_maps(model, images):
     return rollout[:, 0, 1:], weights[-1][:, :, 0, 1:]
 
 
+def upsample(maps, size):
+    # (B, N) patch weights -> (B, H, W) arrays: each patch's weight spread over its pixels
+    side = math.isqrt(maps.size(1))                                   # H / P
+    maps = maps.reshape(maps.size(0), 1, side, side)                  # (B, 1, H/P, W/P)
+    return F.interpolate(maps, size=size, mode="nearest")[:, 0].cpu().numpy()
+
+
 def spread(n_items, n):
     # n indices spread evenly over range(n_items): test folders are often sorted by class
     return torch.linspace(0, n_items - 1, min(n, n_items)).round().long().unique()
@@ -769,37 +878,24 @@ def spread(n_items, n):
 def plot_attention(model, data, path, n_images=6):
     import matplotlib.pyplot as plt
     picked = spread(data.test_x.size(0), n_images).to(data.test_x.device)
-    n_images = len(picked)
     images = data.test_x[picked]                                      # (B, C, H, W) uint8
-    labels = data.test_y[picked].tolist()
     rollout, last = attention_maps(model, data.normalize(images))
-    side = int(math.isqrt(rollout.size(1)))                           # H / P
-
-    def upsample(maps):
-        # (B, N) -> (B, H, W): each patch's weight spread over its P x P pixels
-        maps = maps.reshape(maps.size(0), 1, side, side)
-        return F.interpolate(maps, size=images.shape[-2:], mode="nearest")[:, 0].cpu().numpy()
-
-    heads = last.size(1)
-    fig, axes = plt.subplots(n_images, heads + 2, figsize=(1.6 * (heads + 2), 1.7 * n_images),
-                             squeeze=False)
+    heads, size = last.size(1), images.shape[-2:]
+    maps = [upsample(rollout, size)] + [upsample(last[:, h], size) for h in range(heads)]
+    fig, axes = plt.subplots(len(picked), heads + 2, squeeze=False,
+                             figsize=(1.6 * (heads + 2), 1.7 * len(picked)))
     cmap = "gray" if images.size(1) == 1 else None
-    roll = upsample(rollout)
-    per_head = [upsample(last[:, h]) for h in range(heads)]
     for i, im in enumerate(to_display(images)):
         axes[i, 0].imshow(im, cmap=cmap)
-        axes[i, 0].set_title(data.classes[labels[i]][:12], fontsize=8)
-        axes[i, 1].imshow(im, cmap=cmap)
-        axes[i, 1].imshow(roll[i], cmap="inferno", alpha=0.6)
-        for h in range(heads):
-            axes[i, h + 2].imshow(im, cmap=cmap)
-            axes[i, h + 2].imshow(per_head[h][i], cmap="inferno", alpha=0.6)
+        axes[i, 0].set_title(data.classes[data.test_y[picked[i]]][:12], fontsize=8)
+        for j, m in enumerate(maps):
+            axes[i, j + 1].imshow(im, cmap=cmap)
+            axes[i, j + 1].imshow(m[i], cmap="inferno", alpha=0.6)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0, 1].set_title("rollout", fontsize=8)
-    for h in range(heads):
-        axes[0, h + 2].set_title(f"last layer\nhead {h}", fontsize=8)
+    for j in range(heads + 1):
+        axes[0, j + 1].set_title(f"last layer\nhead {j - 1}" if j else "rollout", fontsize=8)
     axes[-1, 0].set_xlabel("test image")
     axes[-1, 1].set_xlabel("all layers")
     fig.suptitle("Where the CLS token looks: attention rollout and the last layer's CLS "
@@ -807,17 +903,33 @@ def plot_attention(model, data, path, n_images=6):
     save_figure(fig, path)
 
 
+def plot_prediction(image, rollout, top, path):
+    # One image (C, H, W) uint8, beside it the same with its rollout (N,) overlaid.
+    import matplotlib.pyplot as plt
+    im = to_display(image[None])[0]
+    cmap = "gray" if image.size(0) == 1 else None
+    fig, axes = plt.subplots(1, 2, figsize=(5, 2.9))
+    axes[0].imshow(im, cmap=cmap)
+    axes[1].imshow(im, cmap=cmap)
+    axes[1].imshow(upsample(rollout[None], image.shape[-2:])[0], cmap="inferno", alpha=0.6)
+    axes[0].set_title("input, as the model sees it", fontsize=9)
+    axes[1].set_title("attention rollout", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"predicted: {top[0]} ({100 * top[1]:.1f}%)")
+    save_figure(fig, path)
+
+
 def plot_pos_embed(model, path):
     # Cosine similarity of each patch's learned position embedding with every other's
     # (ViT paper, Figure 7): tile (r, c) shows how similar patch (r, c) is to each patch.
     import matplotlib.pyplot as plt
-    pos = model.pos_embed[0, 1:].detach().float().cpu()               # (N, D)
-    pos = F.normalize(pos, dim=-1)
+    pos = F.normalize(model.pos_embed[0, 1:].detach().float().cpu(), dim=-1)   # (N, D)
     sim = pos @ pos.T                                                 # (N, N)
-    side = int(math.isqrt(pos.size(0)))
+    side = math.isqrt(pos.size(0))
     fig, axes = plt.subplots(side, side, figsize=(8, 8), squeeze=False)
-    for n in range(side * side):
-        ax = axes[n // side, n % side]
+    for n, ax in enumerate(axes.flat):
         im = ax.imshow(sim[n].view(side, side).numpy(), cmap="viridis", vmin=-1, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -836,7 +948,7 @@ def plot_confusion(data, preds, path):
     K = len(data.classes)
     y = data.test_y.cpu()
     conf = torch.zeros(K, K, dtype=torch.long)
-    conf.index_put_((y, preds.cpu()), torch.ones_like(y), accumulate=True)
+    conf.index_put_((y, preds.cpu()), torch.ones_like(y), accumulate=True)   # (true, pred)
     per_class = conf.diag().float() / conf.sum(dim=1).clamp_min(1).float()
     print("per-class accuracy: " + ", ".join(f"{c} {100 * a:.1f}%"
                                               for c, a in zip(data.classes, per_class)))
@@ -859,9 +971,8 @@ def plot_mistakes(data, preds, path, n=24):
     import matplotlib.pyplot as plt
     wrong = (preds != data.test_y).nonzero().flatten()
     wrong = wrong[spread(len(wrong), n).to(wrong.device)] if len(wrong) else wrong
-    cols = 8
-    rows = max(1, math.ceil(len(wrong) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.1 * rows), squeeze=False)
+    rows = max(1, math.ceil(len(wrong) / 8))
+    fig, axes = plt.subplots(rows, 8, figsize=(1.7 * 8, 2.1 * rows), squeeze=False)
     cmap = "gray" if data.test_x.size(1) == 1 else None
     for ax in axes.flat:
         ax.axis("off")
@@ -903,83 +1014,289 @@ def plot_compare(runs, path):
 
 
 # -----------------------------------------------------------------------------------------
-# 11. main(): parse the command line, then train, resume, evaluate, compare or benchmark
-# Every error a user can cause is raised as UserError and ends here as one line on stderr
-# and exit status 1. A notebook kernel's own arguments are ignored, so pasting this file into
-# one cell runs main() with the defaults; main([...]) takes options as a list.
+# 11. The training run: the loop, on one screen
+# setup_training builds everything from the configuration (or from a checkpoint, to resume);
+# train_run is the whole of training: for each epoch, train on every batch once, evaluate on
+# the test split, log one line, and save the checkpoint, so that a crash loses at most one
+# epoch. At the end it draws the figures of section 10.
 # -----------------------------------------------------------------------------------------
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="Train a Vision Transformer from scratch on CIFAR-10, FashionMNIST or "
-                    "an image folder.")
-    # Every option defaults to None here, so that we can tell "given" from "not given":
-    # a given option overrides the preset, which overrides Config's defaults.
-    a = p.add_argument
-    a("--preset", default="default", help=f"bundle of defaults: {', '.join(PRESETS)}")
-    a("--dataset", help="cifar10, fashionmnist, or a folder with train/ and test/ subfolders")
-    a("--data-root", help="where torchvision data sets are downloaded (default ./data)")
-    a("--epochs", type=int)
-    a("--batch-size", type=int)
-    a("--lr", type=float, help="peak learning rate of AdamW")
-    a("--weight-decay", type=float)
-    a("--warmup", type=float, help="fraction of steps for the linear warmup")
-    a("--label-smoothing", type=float)
-    a("--seed", type=int)
-    a("--image-size", type=int, help="resize images to this size (default: their own)")
-    a("--patch-size", type=int)
-    a("--dim", type=int, help="model width D")
-    a("--depth", type=int, help="number of encoder blocks")
-    a("--heads", type=int)
-    a("--mlp-dim", type=int)
-    a("--dropout", type=float)
-    a("--pool", choices=["cls", "mean"], help="classify the CLS token or the mean patch token")
-    a("--augment", action=argparse.BooleanOptionalAction, help="random crop and flip")
-    a("--crop-pad", type=int,
-      help="random-crop padding in pixels (default: image side / 8; 0: no crop)")
-    a("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip")
-    a("--precision", choices=["auto", "bf16", "fp32"], help="bf16 autocast or plain fp32")
-    a("--attn", choices=["auto", "fused", "manual"],
-      help="attention path: F.scaled_dot_product_attention or the hand-written one")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    a("--device", help="cuda, mps or cpu (default: the best available)")
-    a("--out", help="run folder (default: a new folder under runs/)")
-    a("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.pth")
-    a("--eval", metavar="MODEL", help="evaluate a saved model.pth on its test split")
-    a("--compare", nargs="+", metavar="RUN",
-      help="plot the test accuracy of these run folders into one figure (in --out)")
-    a("--benchmark", action="store_true",
-      help="time training steps of this ViT against torchvision's, same size and precision")
-    return p
-
-
-def parse_args(argv=None):
-    # A notebook kernel starts Python with its own arguments (-f kernel.json): ignore them.
-    if argv is None and "ipykernel" in sys.modules:
-        argv = []
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}.")
-    return args
-
-
-def explicit_options(args):
-    return {f.name: getattr(args, f.name) for f in fields(Config)
-            if getattr(args, f.name, None) is not None}
-
-
-def resolve_config(args):
-    return Config(**(PRESETS[args.preset] | explicit_options(args)))
-
-
-def print_model_summary(model, cfg, device, amp):
+def print_model_summary(model, cfg, device, precision, why):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: ViT {cfg.image_size}px, patch {cfg.patch_size}, dim {cfg.dim}, depth "
           f"{cfg.depth}, heads {cfg.heads}, mlp {cfg.mlp_dim}, pool {cfg.pool}: "
           f"{n_params:,} parameters ({n_params * 4 / 1e6:.2f} MB in float32)")
     attn = "fused" if model.blocks[0].attn.fused else "hand-written"
-    print(f"device: {device}, precision: {'bf16 autocast' if amp else 'fp32'}, "
-          f"attention: {attn}")
+    print(f"device: {device}, attention: {attn}, precision: {precision} ({why})")
+
+
+def format_time(seconds):
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def print_epoch(m, epochs, n_train, done, elapsed):
+    # done: the fraction of this session's epochs finished, for the time left
+    print(f"epoch {m['epoch']:3d}/{epochs} | train loss {m['train_loss']:.4f} acc "
+          f"{100 * m['train_acc']:5.2f}% | test loss {m['test_loss']:.4f} acc "
+          f"{100 * m['test_acc']:5.2f}% | lr {m['lr']:.2e} | {n_train / m['seconds']:,.0f} "
+          f"img/s | {format_time(elapsed)} elapsed, {format_time(elapsed / done - elapsed)} "
+          f"left", flush=True)
+
+
+def setup_training(cfg, device, resume, resume_path):
+    # Everything the loop needs: data on the device, model, optimizer, schedule, scaler, and
+    # where to start (epoch 1, or after the checkpoint's epoch).
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg)
+    cfg.image_size = data.train_x.size(-1)
+    if cfg.crop_pad is None:
+        cfg.crop_pad = round(cfg.image_size / 8)     # 4 pixels on 32x32 CIFAR-10, the classic
+    model = build_model(cfg, data.train_x.size(1), len(data.classes), device).to(device)
+    data.to(device)
+    steps_per_epoch = math.ceil(data.train_x.size(0) / cfg.batch_size)
+    opt, sched = build_optimizer(model, cfg, steps_per_epoch)
+    precision, why = choose_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    metrics = []
+    if resume is not None:
+        metrics = restore(resume, resume_path, cfg, data, model, opt, sched, scaler,
+                          steps_per_epoch, device)
+    print(f"config: {asdict(cfg)}")
+    print(f"data: {cfg.dataset}: {data.train_x.size(0):,} train and {data.test_x.size(0):,} test "
+          f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes")
+    print_model_summary(model, cfg, device, precision, why)
+    if len(metrics) >= cfg.epochs:
+        raise UserError(f"the checkpoint has already finished {cfg.epochs} epochs; pass a larger "
+                        f"--epochs to train further.")
+    return data, model, opt, sched, scaler, precision, metrics
+
+
+def train_run(cfg, device, out, resume=None, resume_path=None):
+    data, model, opt, sched, scaler, precision, metrics = setup_training(cfg, device, resume,
+                                                                         resume_path)
+    print(f"run folder: {out}")
+    os.makedirs(out, exist_ok=True)
+    step_model = torch.compile(model) if cfg.compile else model
+    start, t_run = len(metrics) + 1, time.time()
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.time()
+        train_loss, train_acc = train_one_epoch(step_model, data, opt, sched, scaler, cfg,
+                                                precision, device, epoch)
+        test_loss, test_acc, preds = evaluate(step_model, data, cfg, precision, device)
+        metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
+                            test_loss=test_loss, test_acc=test_acc,
+                            lr=opt.param_groups[0]["lr"], seconds=time.time() - t0))
+        done = (epoch - start + 1) / (cfg.epochs - start + 1)      # of this session's epochs
+        print_epoch(metrics[-1], cfg.epochs, data.train_x.size(0), done, time.time() - t_run)
+        save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device)
+    plot_curves(metrics, os.path.join(out, "curves.png"))
+    make_figures(model, data, preds, out)
+    print(f"saved {os.path.join(out, 'model.pth')}, checkpoint.pth, metrics.json")
+    print(f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%")
+    return metrics
+
+
+# -----------------------------------------------------------------------------------------
+# 12. Using a trained model: evaluate it, or classify your own images
+# At test time a ViT is a function from a normalised image (B, C, H, W) to K logits, one
+# score per class: softmax turns them into probabilities, and the prediction is the largest.
+# No augmentation, no dropout, no gradients. The preprocessing must be the training's own:
+# the same size, the same channels, the same mean and std (saved in model.pth), or the
+# model sees numbers it never saw in training.
+#   --eval MODEL:              the model on its data set's test split, and its figures.
+#   --predict MODEL IMAGE...:  the top 3 classes of each image; with --out, each image with
+#                              its attention rollout (section 11) and the predicted label.
+# -----------------------------------------------------------------------------------------
+def load_model(path, device):
+    saved = load_file(path, "model file")
+    if "state_dict" not in saved:
+        raise UserError(f"{path!r} is a training checkpoint; use the model.pth next to it.")
+    try:
+        cfg = Config(**{k: saved["config"][k] for k in MODEL_KEYS})
+        in_channels = saved["config"]["in_channels"]
+        saved["mean"], saved["std"]
+    except (KeyError, TypeError):
+        raise UserError(f"model file {path!r} was not written by this vit.py.") from None
+    model = build_model(cfg, in_channels, len(saved["classes"]), device)
+    load_weights(model, saved["state_dict"], path)
+    return model.to(device).eval(), cfg, saved
+
+
+def eval_run(args, device):
+    model, cfg, saved = load_model(args.eval, device)
+    cfg = replace(cfg, dataset=args.dataset or saved["dataset"],
+                  data_root=args.data_root or saved["data_root"])
+    data = load_data(cfg)
+    check_fits(saved["classes"], data, args.eval)
+    if data.train_x.size(1) != saved["config"]["in_channels"]:
+        raise UserError(f"{args.eval!r} expects {saved['config']['in_channels']}-channel images, "
+                        f"but this data has {data.train_x.size(1)}.")
+    data.mean, data.std = saved["mean"], saved["std"]            # the training's own
+    data.to(device)
+    precision, why = choose_precision(args.precision or "auto", device)
+    print_model_summary(model, cfg, device, precision, why)
+    loss, acc, preds = evaluate(model, data, cfg, precision, device)
+    out = args.out or os.path.dirname(os.path.abspath(args.eval))
+    os.makedirs(out, exist_ok=True)
+    make_figures(model, data, preds, out)
+    print(f"evaluated {args.eval} on {cfg.dataset} ({data.test_x.size(0):,} test images), "
+          f"loss {loss:.4f}")
+    print(f"test accuracy: {100 * acc:.2f}%")
+    return acc
+
+
+@torch.no_grad()
+def predict_run(args, device):
+    if len(args.predict) < 2:
+        raise UserError("--predict takes a model.pth and then one or more image files.")
+    model, cfg, saved = load_model(args.predict[0], device)
+    mode = "L" if saved["config"]["in_channels"] == 1 else "RGB"
+    images = torch.stack([read_image(p, mode, cfg.image_size) for p in args.predict[1:]])
+    unknown = torch.zeros(len(images), dtype=torch.long)         # no labels: none needed
+    data = Data(images, unknown, images, unknown, saved["classes"], saved["mean"], saved["std"])
+    x = data.to(device).normalize(data.test_x)                    # (B, C, H, W)
+    probs = model(x).float().softmax(dim=-1)                      # (B, K)
+    top_p, top_k = probs.topk(min(3, probs.size(1)), dim=-1)      # (B, 3) each
+    tops = []
+    for i, path in enumerate(args.predict[1:]):
+        tops.append([(saved["classes"][k], p) for k, p in zip(top_k[i].tolist(),
+                                                              top_p[i].tolist())])
+        print(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in tops[-1]))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        rollout, _ = attention_maps(model, x)                     # (B, N)
+        names = []
+        for i, path in enumerate(args.predict[1:]):
+            name = os.path.splitext(os.path.basename(path))[0]    # cat.jpg -> cat-predicted.png
+            names.append(name if name not in names else f"{name}-{i + 1}")
+            plot_prediction(data.test_x[i], rollout[i], tops[i][0],
+                            os.path.join(args.out, f"{names[-1]}-predicted.png"))
+    return [top[0][0] for top in tops]
+
+
+# -----------------------------------------------------------------------------------------
+# 13. Benchmark: this ViT against torchvision's, same size, same precision, same run
+# Machines are noisy, so we report a ratio measured in one run: training steps (forward,
+# backward, AdamW, with the precision policy of section 6) of both models alternate in
+# rounds on the same random batch, and each model's median step time is kept.
+# torchvision's VisionTransformer takes 3-channel images.
+# -----------------------------------------------------------------------------------------
+def time_train_steps(model, images, labels, precision, steps):
+    device = images.device
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step():
+        with autocast(precision, device):
+            loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    step()                                                        # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()                                  # GPU work is asynchronous
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def benchmark(cfg, device, rounds=5, steps=3):
+    import torchvision
+    # CIFAR-sized images unless --image-size says otherwise: the largest multiple of the
+    # patch size up to 32 (28 for 7x7 patches, FashionMNIST's size)
+    size = cfg.image_size or cfg.patch_size * max(1, 32 // cfg.patch_size)
+    torch.manual_seed(cfg.seed)
+    images = torch.randn(cfg.batch_size, 3, size, size, device=device)
+    labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
+    ours = build_model(replace(cfg, image_size=size), 3, 10, device).to(device)
+    theirs = torchvision.models.VisionTransformer(size, cfg.patch_size, cfg.depth, cfg.heads,
+                                                  cfg.dim, cfg.mlp_dim, num_classes=10)
+    theirs.to(device)
+    chosen, why = choose_precision(cfg.precision, device)
+    print(f"benchmark on {device}: ViT {size}px, patch {cfg.patch_size}, dim {cfg.dim}, depth "
+          f"{cfg.depth}, heads {cfg.heads}, mlp {cfg.mlp_dim}, batch {cfg.batch_size}; "
+          f"attention {'fused' if use_fused_attn(cfg, device) else 'hand-written'}; "
+          f"precision {chosen} ({why})")
+    results = {}
+    for precision in ["fp32", chosen] if chosen != "fp32" else ["fp32"]:
+        times = {"vit.py": [], "torchvision": []}
+        for _ in range(rounds):
+            for label, model in (("vit.py", ours), ("torchvision", theirs)):
+                times[label].append(time_train_steps(model, images, labels, precision, steps))
+        ours_t, theirs_t = (sorted(t)[len(t) // 2] for t in times.values())
+        results[precision] = theirs_t / ours_t
+        print(f"{precision}: vit.py {cfg.batch_size / ours_t:,.0f} img/s, torchvision "
+              f"{cfg.batch_size / theirs_t:,.0f} img/s: vit.py is {theirs_t / ours_t:.2f}x "
+              f"as fast (median of {rounds} rounds of {steps} training steps)")
+    return results
+
+
+# -----------------------------------------------------------------------------------------
+# 14. Command line and main()
+# The options are Config's fields (section 5), plus what to do. An option left out is None
+# here, so that a preset can fill it. Every error a user can cause is a UserError and ends
+# as one line on stderr: from a shell with exit status 1; in a notebook, main() returns None
+# and the notebook goes on. In a notebook the kernel's own arguments (-f kernel.json) are
+# ignored, while `%run vit.py --epochs 5` puts the user's options in sys.argv and they count.
+# -----------------------------------------------------------------------------------------
+HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ subfolders",
+        "data_root": "where torchvision data sets are downloaded (default ./data)",
+        "lr": "peak learning rate of AdamW", "warmup": "fraction of steps for the linear warmup",
+        "image_size": "resize images to this size (default: their own)",
+        "dim": "model width D", "depth": "number of encoder blocks",
+        "pool": "classify the CLS token or the mean patch token",
+        "augment": "random crop and flip",
+        "crop_pad": "random-crop padding in pixels (default: image side / 8; 0: no crop)",
+        "precision": "auto picks per device (section 6 of vit.py)",
+        "attn": "F.scaled_dot_product_attention, or the hand-written path"}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="vit.py", description="Train a Vision Transformer from "
+                                "scratch on CIFAR-10, FashionMNIST or an image folder.")
+    p.add_argument("--preset", choices=PRESETS, default="default", help="bundle of defaults")
+    for f in fields(Config):
+        flag, text = "--" + f.name.replace("_", "-"), HELP.get(f.name)
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            kind = type(f.default) if f.default is not None else int   # crop_pad: None
+            p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=text)
+    a = p.add_argument
+    a("--device", help="cuda, mps or cpu (default: the best available)")
+    a("--out", help="run folder (default: a new folder under runs/)")
+    a("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.pth")
+    a("--eval", metavar="MODEL", help="evaluate a saved model.pth on its test split")
+    a("--predict", nargs="+", metavar="FILE", help="a model.pth, then images to classify")
+    a("--compare", nargs="+", metavar="RUN", help="plot these runs' test accuracy (in --out)")
+    a("--benchmark", action="store_true",
+      help="time training steps of this ViT against torchvision's, same size and precision")
+    return p
+
+
+def command_line(argv):
+    # A Jupyter kernel runs as `python -m ipykernel_launcher -f kernel-1234.json` (VS Code:
+    # --f=...json); those arguments are the kernel's, not ours.
+    if argv is not None:
+        return list(argv)
+    args = sys.argv[1:]
+    first = args[0] if args else ""
+    if in_notebook() and (first == "-f" or first.startswith("--f=")):
+        return []
+    return args
+
+
+def resolve_config(args):
+    given = {f.name: getattr(args, f.name) for f in fields(Config)
+             if getattr(args, f.name) is not None}
+    return Config(**{**PRESETS[args.preset], **given})
 
 
 def new_run_folder(cfg):
@@ -991,119 +1308,42 @@ def new_run_folder(cfg):
     return path
 
 
-def train_run(cfg, device, out, resume=None, resume_path=None):
-    validate(cfg)
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg)
-    cfg.image_size = data.train_x.size(-1)
-    if cfg.crop_pad is None:
-        cfg.crop_pad = round(cfg.image_size / 8)     # 4 pixels on 32x32 CIFAR-10, the classic
-    in_channels = data.train_x.size(1)
-    model = build_model(cfg, in_channels, len(data.classes), device).to(device)
-    data.to(device)
-    steps_per_epoch = math.ceil(data.train_x.size(0) / cfg.batch_size)
-    opt, sched = build_optimizer(model, cfg, steps_per_epoch)
-    metrics, start_epoch = [], 1
-    if resume is not None:
-        check_fits(resume["classes"], data, resume_path)
-        load_weights(model, resume["model"], resume_path)
-        opt.load_state_dict(resume["optimizer"])
-        if resume["config"]["epochs"] == cfg.epochs:
-            sched.load_state_dict(resume["scheduler"])
-        else:
-            # A longer (or shorter) run: the cosine must now end at the new last epoch. The
-            # schedule was built for the new length; step it past the finished steps.
-            # (PyTorch warns when a scheduler steps before the optimizer; here that is the
-            # point.)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(resume["epoch"] * steps_per_epoch):
-                    sched.step()
-        torch.set_rng_state(resume["rng"]["cpu"])
-        if device.type == "cuda" and resume["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        metrics, start_epoch = resume["metrics"], resume["epoch"] + 1
-    amp = autocast_dtype(cfg, device)
-    print(f"config: {asdict(cfg)}")
-    print(f"data: {cfg.dataset}: {data.train_x.size(0):,} train and {data.test_x.size(0):,} test "
-          f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes")
-    print_model_summary(model, cfg, device, amp)
-    print(f"run folder: {out}")
-    if start_epoch > cfg.epochs:
-        raise UserError(f"the checkpoint has already finished {cfg.epochs} epochs; pass a larger "
-                        f"--epochs to train further.")
-    step_model = torch.compile(model) if cfg.compile else model
-    os.makedirs(out, exist_ok=True)
-    t_run = time.time()
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.time()
-        train_loss, train_acc = train_one_epoch(step_model, data, opt, sched, cfg, device, amp,
-                                                epoch)
-        test_loss, test_acc, preds = evaluate(step_model, data, cfg, device, amp)
-        seconds = time.time() - t0
-        metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
-                            test_loss=test_loss, test_acc=test_acc,
-                            lr=opt.param_groups[0]["lr"], seconds=seconds))
-        elapsed = time.time() - t_run
-        left = elapsed / (epoch - start_epoch + 1) * (cfg.epochs - epoch)
-        print(f"epoch {epoch:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc "
-              f"{100 * train_acc:5.2f}% | test loss {test_loss:.4f} acc {100 * test_acc:5.2f}% "
-              f"| lr {metrics[-1]['lr']:.2e} | {data.train_x.size(0) / seconds:,.0f} img/s | "
-              f"{format_time(elapsed)} elapsed, {format_time(left)} left", flush=True)
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-        atomic_save({"config": asdict(cfg), "model": model.state_dict(),
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "rng": rng, "metrics": metrics, "classes": data.classes,
-                     "mean": data.mean, "std": data.std}, os.path.join(out, "checkpoint.pth"))
-        atomic_save(model_file(model, cfg, data, in_channels), os.path.join(out, "model.pth"))
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-    plot_curves(metrics, os.path.join(out, "curves.png"))
-    make_figures(model, data, preds, out)
-    print(f"saved {os.path.join(out, 'model.pth')}, checkpoint.pth, metrics.json")
-    print(f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%")
-    return metrics
-
-
-def eval_run(args, device):
-    saved = load_file(args.eval, "model file")
-    if "state_dict" not in saved:
-        raise UserError(f"{args.eval!r} is a training checkpoint; --eval takes the model.pth "
-                        f"next to it.")
-    mc = saved["config"]
-    cfg = Config(dataset=args.dataset or saved["dataset"],
-                 data_root=args.data_root or saved["data_root"], image_size=mc["image_size"],
-                 **{k: mc[k] for k in MODEL_KEYS if k != "image_size"})
-    data = load_data(cfg)
-    check_fits(saved["classes"], data, args.eval)
-    if data.train_x.size(1) != mc["in_channels"]:
-        raise UserError(f"{args.eval!r} expects {mc['in_channels']}-channel images, but this data "
-                        f"has {data.train_x.size(1)}.")
-    model = build_model(cfg, mc["in_channels"], len(data.classes), device)
-    load_weights(model, saved["state_dict"], args.eval)
-    # Evaluate with the normalisation the model was trained with.
-    data.mean, data.std = saved["mean"], saved["std"]
-    model.to(device)
-    data.to(device)
-    amp = autocast_dtype(cfg, device)
-    print_model_summary(model, cfg, device, amp)
-    loss, acc, preds = evaluate(model, data, cfg, device, amp)
-    out = args.out or os.path.dirname(os.path.abspath(args.eval))
-    os.makedirs(out, exist_ok=True)
-    make_figures(model, data, preds, out)
-    print(f"evaluated {args.eval} on {cfg.dataset} ({data.test_x.size(0):,} test images), "
-          f"loss {loss:.4f}")
-    print(f"test accuracy: {100 * acc:.2f}%")
-    return acc
+def resume_run(args, device):
+    ckpt = load_file(args.resume, "checkpoint")
+    if "optimizer" not in ckpt:
+        raise UserError(f"{args.resume!r} is a model file; --resume takes a checkpoint.pth.")
+    try:
+        cfg = Config(**ckpt["config"])
+    except TypeError:
+        raise UserError(f"{args.resume!r} holds a configuration this vit.py does not "
+                        f"know.") from None
+    ignored = [f.name for f in fields(Config)
+               if getattr(args, f.name) is not None and f.name != "epochs"]
+    if ignored:
+        print(f"note: resuming with the checkpoint's own configuration; ignoring "
+              f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    return train_run(cfg, device, os.path.dirname(os.path.abspath(args.resume)), ckpt,
+                     args.resume)
 
 
 def main(argv=None):
+    """Runs vit.py with a list of command-line options, e.g. main(["--epochs", "5"]).
+    Returns the final test accuracy (training, --resume, --eval), the predicted labels
+    (--predict), or the speed ratios (--benchmark); None after a user error in a notebook."""
     try:
-        args = parse_args(argv)
+        args = build_parser().parse_args(command_line(argv))
+    except SystemExit:
+        if in_notebook():          # argparse printed the help, or its usage and error
+            return None
+        raise
+    try:
         device = pick_device(args.device)
         if args.eval:
             return eval_run(args, device)
+        if args.predict:
+            return predict_run(args, device)
         if args.compare:
             os.makedirs(args.out or ".", exist_ok=True)
             return plot_compare(args.compare, os.path.join(args.out or ".", "compare.png"))
@@ -1112,28 +1352,13 @@ def main(argv=None):
             validate(cfg)
             return benchmark(cfg, device)
         if args.resume:
-            ckpt = load_file(args.resume, "checkpoint")
-            if "optimizer" not in ckpt:
-                raise UserError(f"{args.resume!r} is a model file; --resume takes a "
-                                f"checkpoint.pth.")
-            try:
-                cfg = Config(**ckpt["config"])
-            except TypeError:
-                raise UserError(f"{args.resume!r} holds a configuration this vit.py does not "
-                                f"know.") from None
-            ignored = [k for k in explicit_options(args) if k != "epochs"]
-            if ignored:
-                print(f"note: resuming with the checkpoint's own configuration; ignoring "
-                      f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
-            if args.epochs is not None:
-                cfg.epochs = args.epochs
-            out = os.path.dirname(os.path.abspath(args.resume))
-            return train_run(cfg, device, out, ckpt, args.resume)
+            return resume_run(args, device)[-1]["test_acc"]
         cfg = resolve_config(args)
-        return train_run(cfg, device, args.out or new_run_folder(cfg))
+        return train_run(cfg, device, args.out or new_run_folder(cfg))[-1]["test_acc"]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        if not in_notebook():
+            sys.exit(1)
 
 
 if __name__ == "__main__":
