@@ -491,12 +491,6 @@ def test_eval_reproduces_the_final_test_accuracy_and_draws_the_figures(trained_r
         assert os.path.getsize(tmp_path / name) > 0, name
 
 
-def test_compare_plots_several_runs(trained_run, tmp_path):
-    _, out, _ = trained_run
-    vit.main(["--compare", out, out, "--out", str(tmp_path)])
-    assert os.path.getsize(tmp_path / "compare.png") > 0
-
-
 def test_attention_rollout_is_a_distribution_over_patches():
     model = tiny_vit().eval()
     rollout, last = vit.attention_maps(model, torch.randn(3, 3, 16, 16))
@@ -785,10 +779,11 @@ def test_a_skipped_fp16_step_keeps_the_schedule(monkeypatch):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for _ in range(2):
             vit.train_step(model, x, y, opt, sched, scaler, cfg, "fp16", torch.device("cpu"))
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)], caught
     vit.step_schedule(reference, 2)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # skipped
     assert scaler.get_scale() == 2.0 ** 125                         # halved twice
@@ -841,8 +836,7 @@ def test_predict_agrees_with_eval_on_test_images(trained_run, tmp_path, capsys):
         assert line.startswith(path + ": ") and line.count("%") == 2   # 2 classes: top 2
         shares = [float(w.rstrip("%,")) for w in line.split()[2::2]]
         assert sum(shares) == pytest.approx(100, abs=0.2) and shares == sorted(shares)[::-1]
-    assert os.path.getsize(tmp_path / "first-predicted.png") > 0
-    assert len([f for f in os.listdir(tmp_path) if f.endswith("-predicted.png")]) == len(labels)
+    assert os.path.getsize(tmp_path / "predicted.png") > 0
 
 
 def replace_dataset(cfg, folder):

@@ -299,6 +299,7 @@ CHOICES = {"pool": ("cls", "mean"), "precision": ("auto", "bf16", "fp16", "fp32"
 
 
 def validate(cfg):
+    # Checked before anything is loaded, so a typo costs a second, not a download.
     def bad(name, rule):
         return UserError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}.")
     for name in ("epochs", "batch_size", "lr", "patch_size", "dim", "depth", "heads", "mlp_dim"):
@@ -439,7 +440,7 @@ class Data:
 
     def to(self, device):
         for name in ("train_x", "train_y", "test_x", "test_y"):
-            setattr(self, name, getattr(self, name).to(device))
+            setattr(self, name, getattr(self, name).to(device))   # once, for the whole run
         # Kept on the device once: a tensor built from a list at every step would be a
         # host-to-device copy (and a wait) at every step.
         self.mean_t = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
@@ -456,6 +457,8 @@ OFFLINE_HINT = ("if this machine is offline, point --data-root at a folder that 
 
 
 def load_torchvision(name, root):
+    # torchvision's classes download the files once (CIFAR-10 170 MB, FashionMNIST 30 MB)
+    # and keep every image of a split in one array: .data, (N, H, W, C) or (N, H, W) uint8.
     import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10,
            "fashionmnist": torchvision.datasets.FashionMNIST}[name]
@@ -467,7 +470,7 @@ def load_torchvision(name, root):
             reason = " ".join(str(e).split())                    # one line
             raise UserError(f"could not find or download {name} in {root!r} ({reason}); "
                             f"{OFFLINE_HINT}.") from None
-        x = torch.as_tensor(ds.data)
+        x = torch.as_tensor(ds.data)                              # (N, H, W[, C]) uint8
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)   # (N, C, H, W)
         splits += [x.contiguous(), torch.as_tensor(ds.targets)]
     return splits, list(ds.classes)
@@ -492,6 +495,10 @@ def read_image(path, mode, size):
 
 
 def load_image_folder(path, image_size):
+    # Your own data: folder/train/<class>/*.jpg and folder/test/<class>/*.jpg, the layout of
+    # torchvision's ImageFolder, whose class list (sorted folder names) gives the labels.
+    # Every image is brought to one size and one channel count, those of the first image
+    # unless --image-size says otherwise, so that the split stacks into one tensor.
     from PIL import Image
     import torchvision
     missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(path, s))]
@@ -507,21 +514,24 @@ def load_image_folder(path, image_size):
         raise UserError(f"train/ and test/ of {path!r} hold different classes "
                         f"({train.classes} vs {test.classes}).")
     with Image.open(train.samples[0][0]) as first:    # the first image sets mode and size
-        mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+        mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"   # gray or colour
         size = image_size or min(first.size)
     splits = []
     for ds in (train, test):
-        splits.append(torch.stack([read_image(f, mode, size) for f, _ in ds.samples]))
+        images = [read_image(file, mode, size) for file, _ in ds.samples]   # (C, S, S) each
+        splits.append(torch.stack(images))                        # (N, C, S, S)
         splits.append(torch.tensor(ds.targets))
     return splits, train.classes
 
 
 def channel_stats(x):
     # Mean and std of each channel over the whole training split, in chunks to spare memory.
+    # Normalising with them puts every input channel at zero mean and unit variance, the
+    # scale the initial weights (section 4) were chosen for.
     total = torch.zeros(x.size(1), dtype=torch.float64)
     total_sq = torch.zeros(x.size(1), dtype=torch.float64)
     for chunk in x.split(4096):
-        c = chunk.double() / 255
+        c = chunk.double() / 255                                  # float64: exact sums
         total += c.sum(dim=(0, 2, 3))
         total_sq += (c * c).sum(dim=(0, 2, 3))
     n = x.size(0) * x.size(2) * x.size(3)
@@ -531,6 +541,8 @@ def channel_stats(x):
 
 
 def load_data(cfg):
+    # Both splits as uint8 tensors on the CPU, the class names, and the training split's
+    # statistics; the caller moves it all to the device (Data.to).
     name = cfg.dataset.lower()
     if name in ("cifar10", "fashionmnist"):
         splits, classes = load_torchvision(name, cfg.data_root)
@@ -539,7 +551,7 @@ def load_data(cfg):
     else:
         raise UserError(f"unknown dataset {cfg.dataset!r}: use cifar10, fashionmnist, or the "
                         f"path of a folder with train/ and test/ subfolders.")
-    train_x, train_y, test_x, test_y = splits
+    train_x, train_y, test_x, test_y = splits                     # (N, C, H, W) and (N,)
     if cfg.image_size and train_x.size(-1) != cfg.image_size:
         # torchvision's sets come in one size; resize them once if another was asked for
         train_x, test_x = (F.interpolate(x.float(), size=cfg.image_size, mode="bilinear",
@@ -552,6 +564,9 @@ def load_data(cfg):
 def augment(x, pad, flip):
     # x: (B, C, H, W) uint8 on the device. Random crop of the original size from a copy
     # padded with zeros, done as one gather; then a random horizontal flip by masking.
+    # Every image gets its own shift and its own coin, so no two epochs see the same batch.
+    # The crop's padding is the knob: 1/8 of the side on CIFAR-10 (4 pixels); on 28x28
+    # FashionMNIST with 7x7 patches, 1 pixel did better (the README's tuning table).
     B, C, H, W = x.shape
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad))                   # (B, C, H+2p, W+2p)
@@ -631,8 +646,9 @@ def build_optimizer(model, cfg, steps_per_epoch):
 def step_schedule(sched, steps=1):
     # PyTorch warns when the schedule steps while the optimizer did not (a step the fp16
     # scaler skipped, or a resumed run fast-forwarding to a new length); here that is meant.
+    # (torch 2.3's SequentialLR also warns about its own internal call at the milestone.)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.optim.lr_sched")
         for _ in range(steps):
             sched.step()
 
@@ -723,21 +739,23 @@ def load_file(path, what):
     if not zipfile.is_zipfile(path):                              # torch.save writes a zip
         raise UserError(f"{what} {path!r} is corrupt or is not a PyTorch file.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)   # GPU-saved: on CPU
     except pickle.UnpicklingError:
         raise UserError(f"{what} {path!r} was refused: it holds objects other than tensors and "
                         f"plain data, and loading it could run code.") from None
     except Exception:
         raise UserError(f"{what} {path!r} is corrupt or is not a PyTorch file.") from None
-    if not isinstance(obj, dict) or "config" not in obj or "classes" not in obj:
+    if not isinstance(obj, dict) or "config" not in obj or "classes" not in obj:   # foreign
         raise UserError(f"{what} {path!r} was not written by vit.py.")
     return obj
 
 
 def rng_state(device):
+    # Every random draw (shuffle, crop, flip, dropout) continues from these states: saved,
+    # they make the resumed epochs draw exactly what the uninterrupted run would have.
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state_all()            # one per GPU
     if device.type == "mps":
         state["mps"] = torch.mps.get_rng_state()
     return state
@@ -752,11 +770,15 @@ def set_rng_state(state, device):
 
 
 def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
+    # Written after every epoch: a crash or a closed Colab tab loses at most one epoch.
+    # (The disabled scaler of a bf16 or fp32 run saves an empty dict.)
     atomic_save({"config": asdict(cfg), "model": model.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"],
                  "rng": rng_state(device), "metrics": metrics, "classes": data.classes,
                  "mean": data.mean, "std": data.std}, os.path.join(out, "checkpoint.pth"))
+    # model.pth: plain data only, no pickled Config object, so that any later vit.py (and
+    # any other program) can read it with weights_only=True.
     model_cfg = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_cfg["in_channels"] = data.train_x.size(1)
     atomic_save({"config": model_cfg, "state_dict": model.state_dict(), "classes": data.classes,
@@ -767,6 +789,8 @@ def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
 
 
 def load_weights(model, state_dict, path):
+    # load_state_dict is strict: every name and every shape must match, or it says which
+    # do not; that sentence, not its traceback, is what the user needs.
     try:
         model.load_state_dict(state_dict)
     except (RuntimeError, KeyError, TypeError) as e:
@@ -781,19 +805,21 @@ def check_fits(saved_classes, data, path):
 
 
 def restore(ckpt, path, cfg, data, model, opt, sched, scaler, steps_per_epoch, device):
+    # Puts a fresh setup back where the checkpoint left off. The optimizer is built first
+    # and then loaded (rather than pickled whole) so that its state lands on this device.
     check_fits(ckpt["classes"], data, path)
     load_weights(model, ckpt["model"], path)
     opt.load_state_dict(ckpt["optimizer"])
-    if ckpt["config"]["epochs"] == cfg.epochs:
-        sched.load_state_dict(ckpt["scheduler"])
+    if ckpt["config"]["epochs"] == cfg.epochs:                    # resumed at the same length
+        sched.load_state_dict(ckpt["scheduler"])                  # where it stopped
     else:
         # A longer (or shorter) run: the schedule was built for the new length, so that the
         # cosine ends at the new last epoch; step it past the steps already done.
         step_schedule(sched, ckpt["epoch"] * steps_per_epoch)
-    if scaler.is_enabled() and ckpt.get("scaler"):
+    if scaler.is_enabled() and ckpt.get("scaler"):                # an fp16 run's scale
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], device)
-    return ckpt["metrics"]
+    return ckpt["metrics"]                                        # one record per epoch done
 
 
 # -----------------------------------------------------------------------------------------
@@ -875,19 +901,20 @@ def spread(n_items, n):
     return torch.linspace(0, n_items - 1, min(n, n_items)).round().long().unique()
 
 
-def plot_attention(model, data, path, n_images=6):
+def plot_attention(model, images, x, titles, path):
+    # Each image (uint8, for display; x: the same normalised, for the model), its rollout,
+    # and the last layer's CLS attention in each head. Drawn for a spread of test images
+    # after training, and for your own images by --predict, titled with the prediction.
     import matplotlib.pyplot as plt
-    picked = spread(data.test_x.size(0), n_images).to(data.test_x.device)
-    images = data.test_x[picked]                                      # (B, C, H, W) uint8
-    rollout, last = attention_maps(model, data.normalize(images))
+    rollout, last = attention_maps(model, x)                          # (B, N), (B, Hd, N)
     heads, size = last.size(1), images.shape[-2:]
     maps = [upsample(rollout, size)] + [upsample(last[:, h], size) for h in range(heads)]
-    fig, axes = plt.subplots(len(picked), heads + 2, squeeze=False,
-                             figsize=(1.6 * (heads + 2), 1.7 * len(picked)))
+    fig, axes = plt.subplots(len(images), heads + 2, squeeze=False,
+                             figsize=(1.6 * (heads + 2), 1.7 * len(images)))
     cmap = "gray" if images.size(1) == 1 else None
     for i, im in enumerate(to_display(images)):
         axes[i, 0].imshow(im, cmap=cmap)
-        axes[i, 0].set_title(data.classes[data.test_y[picked[i]]][:12], fontsize=8)
+        axes[i, 0].set_title(titles[i], fontsize=8)
         for j, m in enumerate(maps):
             axes[i, j + 1].imshow(im, cmap=cmap)
             axes[i, j + 1].imshow(m[i], cmap="inferno", alpha=0.6)
@@ -896,28 +923,9 @@ def plot_attention(model, data, path, n_images=6):
             ax.set_yticks([])
     for j in range(heads + 1):
         axes[0, j + 1].set_title(f"last layer\nhead {j - 1}" if j else "rollout", fontsize=8)
-    axes[-1, 0].set_xlabel("test image")
     axes[-1, 1].set_xlabel("all layers")
     fig.suptitle("Where the CLS token looks: attention rollout and the last layer's CLS "
                  "attention per head (bright = more attention)", fontsize=10)
-    save_figure(fig, path)
-
-
-def plot_prediction(image, rollout, top, path):
-    # One image (C, H, W) uint8, beside it the same with its rollout (N,) overlaid.
-    import matplotlib.pyplot as plt
-    im = to_display(image[None])[0]
-    cmap = "gray" if image.size(0) == 1 else None
-    fig, axes = plt.subplots(1, 2, figsize=(5, 2.9))
-    axes[0].imshow(im, cmap=cmap)
-    axes[1].imshow(im, cmap=cmap)
-    axes[1].imshow(upsample(rollout[None], image.shape[-2:])[0], cmap="inferno", alpha=0.6)
-    axes[0].set_title("input, as the model sees it", fontsize=9)
-    axes[1].set_title("attention rollout", fontsize=9)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"predicted: {top[0]} ({100 * top[1]:.1f}%)")
     save_figure(fig, path)
 
 
@@ -986,31 +994,14 @@ def plot_mistakes(data, preds, path, n=24):
 
 
 def make_figures(model, data, preds, out):
-    plot_attention(model, data, os.path.join(out, "attention.png"))
+    picked = spread(data.test_x.size(0), 6).to(data.test_x.device)
+    images = data.test_x[picked]                                      # (6, C, H, W) uint8
+    titles = [data.classes[k][:12] for k in data.test_y[picked].tolist()]
+    plot_attention(model, images, data.normalize(images), titles, os.path.join(out,
+                                                                               "attention.png"))
     plot_pos_embed(model, os.path.join(out, "pos_embed.png"))
     plot_confusion(data, preds, os.path.join(out, "confusion.png"))
     plot_mistakes(data, preds, os.path.join(out, "mistakes.png"))
-
-
-def plot_compare(runs, path):
-    # Test accuracy against epoch for several runs, read from their metrics.json.
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for run in runs:
-        file = os.path.join(run, "metrics.json")
-        try:
-            with open(file) as f:
-                metrics = json.load(f)
-        except (OSError, ValueError):
-            raise UserError(f"cannot read {file!r}; --compare takes run folders.") from None
-        ax.plot([m["epoch"] for m in metrics], [100 * m["test_acc"] for m in metrics], "o-",
-                ms=3, label=f"{os.path.basename(os.path.normpath(run))} "
-                            f"({100 * metrics[-1]['test_acc']:.2f}%)")
-    ax.set(title="Test accuracy of each run", xlabel="epoch", ylabel="test accuracy (%)")
-    ax.xaxis.get_major_locator().set_params(integer=True)     # whole epochs on the axis
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------------------
@@ -1036,7 +1027,10 @@ def format_time(seconds):
 
 
 def print_epoch(m, epochs, n_train, done, elapsed):
-    # done: the fraction of this session's epochs finished, for the time left
+    # One line per epoch. Train accuracy is measured on augmented images while the weights
+    # still change during the epoch, so it is not comparable to test accuracy point for
+    # point; a test accuracy far below train accuracy is overfitting. done: the fraction of
+    # this session's epochs finished, for the time left.
     print(f"epoch {m['epoch']:3d}/{epochs} | train loss {m['train_loss']:.4f} acc "
           f"{100 * m['train_acc']:5.2f}% | test loss {m['test_loss']:.4f} acc "
           f"{100 * m['test_acc']:5.2f}% | lr {m['lr']:.2e} | {n_train / m['seconds']:,.0f} "
@@ -1046,11 +1040,13 @@ def print_epoch(m, epochs, n_train, done, elapsed):
 
 def setup_training(cfg, device, resume, resume_path):
     # Everything the loop needs: data on the device, model, optimizer, schedule, scaler, and
-    # where to start (epoch 1, or after the checkpoint's epoch).
+    # the metrics so far (none, or the checkpoint's). The order matters: the seed is set
+    # before the model is built, so the same seed gives the same initial weights; the model
+    # moves to the device before the optimizer is built, so that AdamW's state lives there.
     validate(cfg)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg)
-    cfg.image_size = data.train_x.size(-1)
+    cfg.image_size = data.train_x.size(-1)            # resolved now, and saved with the run
     if cfg.crop_pad is None:
         cfg.crop_pad = round(cfg.image_size / 8)     # 4 pixels on 32x32 CIFAR-10, the classic
     model = build_model(cfg, data.train_x.size(1), len(data.classes), device).to(device)
@@ -1078,6 +1074,8 @@ def train_run(cfg, device, out, resume=None, resume_path=None):
                                                                          resume_path)
     print(f"run folder: {out}")
     os.makedirs(out, exist_ok=True)
+    # torch.compile fuses the model's small operations into a few kernels; it costs a
+    # minute of compiling first. The checkpoint saves `model`, the same weights uncompiled.
     step_model = torch.compile(model) if cfg.compile else model
     start, t_run = len(metrics) + 1, time.time()
     for epoch in range(start, cfg.epochs + 1):
@@ -1090,7 +1088,7 @@ def train_run(cfg, device, out, resume=None, resume_path=None):
                             lr=opt.param_groups[0]["lr"], seconds=time.time() - t0))
         done = (epoch - start + 1) / (cfg.epochs - start + 1)      # of this session's epochs
         print_epoch(metrics[-1], cfg.epochs, data.train_x.size(0), done, time.time() - t_run)
-        save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device)
+        save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device)   # each epoch
     plot_curves(metrics, os.path.join(out, "curves.png"))
     make_figures(model, data, preds, out)
     print(f"saved {os.path.join(out, 'model.pth')}, checkpoint.pth, metrics.json")
@@ -1110,6 +1108,7 @@ def train_run(cfg, device, out, resume=None, resume_path=None):
 #                              its attention rollout (section 11) and the predicted label.
 # -----------------------------------------------------------------------------------------
 def load_model(path, device):
+    # Rebuild the architecture from the saved configuration, then fill in the weights.
     saved = load_file(path, "model file")
     if "state_dict" not in saved:
         raise UserError(f"{path!r} is a training checkpoint; use the model.pth next to it.")
@@ -1149,6 +1148,9 @@ def eval_run(args, device):
 
 @torch.no_grad()
 def predict_run(args, device):
+    # Each image is read as the test split is (read_image: the model's channels and size)
+    # and normalised with the training's statistics; softmax turns the logits into
+    # probabilities, and topk picks the 3 most probable classes.
     if len(args.predict) < 2:
         raise UserError("--predict takes a model.pth and then one or more image files.")
     model, cfg, saved = load_model(args.predict[0], device)
@@ -1166,13 +1168,8 @@ def predict_run(args, device):
         print(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in tops[-1]))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        rollout, _ = attention_maps(model, x)                     # (B, N)
-        names = []
-        for i, path in enumerate(args.predict[1:]):
-            name = os.path.splitext(os.path.basename(path))[0]    # cat.jpg -> cat-predicted.png
-            names.append(name if name not in names else f"{name}-{i + 1}")
-            plot_prediction(data.test_x[i], rollout[i], tops[i][0],
-                            os.path.join(args.out, f"{names[-1]}-predicted.png"))
+        titles = [f"{c[:12]} {100 * p:.0f}%" for (c, p), *_ in tops]
+        plot_attention(model, data.test_x, x, titles, os.path.join(args.out, "predicted.png"))
     return [top[0][0] for top in tops]
 
 
@@ -1259,6 +1256,8 @@ HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ sub
 
 
 def build_parser():
+    # prog is fixed: pasted into a notebook, the program would otherwise be named after the
+    # kernel's launcher.
     p = argparse.ArgumentParser(prog="vit.py", description="Train a Vision Transformer from "
                                 "scratch on CIFAR-10, FashionMNIST or an image folder.")
     p.add_argument("--preset", choices=PRESETS, default="default", help="bundle of defaults")
@@ -1275,7 +1274,6 @@ def build_parser():
     a("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.pth")
     a("--eval", metavar="MODEL", help="evaluate a saved model.pth on its test split")
     a("--predict", nargs="+", metavar="FILE", help="a model.pth, then images to classify")
-    a("--compare", nargs="+", metavar="RUN", help="plot these runs' test accuracy (in --out)")
     a("--benchmark", action="store_true",
       help="time training steps of this ViT against torchvision's, same size and precision")
     return p
@@ -1294,21 +1292,20 @@ def command_line(argv):
 
 
 def resolve_config(args):
+    # Config's defaults, then the preset's, then every option given explicitly.
     given = {f.name: getattr(args, f.name) for f in fields(Config)
              if getattr(args, f.name) is not None}
     return Config(**{**PRESETS[args.preset], **given})
 
 
 def new_run_folder(cfg):
-    name = os.path.basename(os.path.normpath(cfg.dataset)).lower()
-    base = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    path, i = base, 1
-    while os.path.exists(path):
-        path, i = f"{base}-{i}", i + 1
-    return path
+    name = os.path.basename(os.path.normpath(cfg.dataset)).lower()    # cifar10, my-photos
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def resume_run(args, device):
+    # A resumed run is the checkpoint's run: same model, data and recipe. Only --epochs may
+    # change, to extend it (the schedule is then rebuilt for the new length).
     ckpt = load_file(args.resume, "checkpoint")
     if "optimizer" not in ckpt:
         raise UserError(f"{args.resume!r} is a model file; --resume takes a checkpoint.pth.")
@@ -1344,9 +1341,6 @@ def main(argv=None):
             return eval_run(args, device)
         if args.predict:
             return predict_run(args, device)
-        if args.compare:
-            os.makedirs(args.out or ".", exist_ok=True)
-            return plot_compare(args.compare, os.path.join(args.out or ".", "compare.png"))
         if args.benchmark:
             cfg = resolve_config(args)
             validate(cfg)
