@@ -910,7 +910,7 @@ def plot_attention(model, images, x, titles, path):
     heads, size = last.size(1), images.shape[-2:]
     maps = [upsample(rollout, size)] + [upsample(last[:, h], size) for h in range(heads)]
     fig, axes = plt.subplots(len(images), heads + 2, squeeze=False,
-                             figsize=(1.6 * (heads + 2), 1.7 * len(images)))
+                             figsize=(max(6.4, 1.6 * (heads + 2)), 2.0 * len(images) + 0.6))
     cmap = "gray" if images.size(1) == 1 else None
     for i, im in enumerate(to_display(images)):
         axes[i, 0].imshow(im, cmap=cmap)
@@ -924,8 +924,8 @@ def plot_attention(model, images, x, titles, path):
     for j in range(heads + 1):
         axes[0, j + 1].set_title(f"last layer\nhead {j - 1}" if j else "rollout", fontsize=8)
     axes[-1, 1].set_xlabel("all layers")
-    fig.suptitle("Where the CLS token looks: attention rollout and the last layer's CLS "
-                 "attention per head (bright = more attention)", fontsize=10)
+    fig.suptitle("Where the CLS token looks (bright = more attention): attention rollout,\n"
+                 "and the last layer's CLS attention in each head", fontsize=10)
     save_figure(fig, path)
 
 
@@ -1168,7 +1168,7 @@ def predict_run(args, device):
         print(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in tops[-1]))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        titles = [f"{c[:12]} {100 * p:.0f}%" for (c, p), *_ in tops]
+        titles = [f"predicted: {c[:12]}\n{100 * p:.1f}%" for (c, p), *_ in tops]
         plot_attention(model, data.test_x, x, titles, os.path.join(args.out, "predicted.png"))
     return [top[0][0] for top in tops]
 
