@@ -202,6 +202,8 @@ class ViT(nn.Module):
         if dim % heads != 0:
             raise UserError(f"dim {dim} is not divisible by heads {heads}; every head must get "
                             f"an equal share of the width.")
+        if pool not in ("cls", "mean"):
+            raise UserError(f"pool must be 'cls' or 'mean', got {pool!r}.")
         self.pool = pool
         n_patches = (image_size // patch_size) ** 2
         self.patch_embed = PatchEmbed(patch_size, in_channels, dim)
@@ -378,7 +380,7 @@ def precision_policy(requested, device):
         name = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"
     else:
         name = requested
-        if name == "bf16" and not native:
+        if name == "bf16" and not native and device.type != "mps":    # MPS: not measured
             print(f"note: bf16 is emulated on {where}: slower, not faster; --precision auto "
                   f"picks the fast choice.")
     return name, f"{'auto' if requested == 'auto' else 'asked for'}, on {where}"
@@ -772,7 +774,8 @@ def set_rng_state(state, device):
 def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
     # Written after every epoch: a crash or a closed Colab tab loses at most one epoch.
     # (The disabled scaler of a bf16 or fp32 run saves an empty dict.)
-    atomic_save({"config": asdict(cfg), "model": model.state_dict(),
+    weights = model.state_dict()
+    atomic_save({"config": asdict(cfg), "model": weights,
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"],
                  "rng": rng_state(device), "metrics": metrics, "classes": data.classes,
@@ -781,7 +784,7 @@ def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
     # any other program) can read it with weights_only=True.
     model_cfg = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_cfg["in_channels"] = data.train_x.size(1)
-    atomic_save({"config": model_cfg, "state_dict": model.state_dict(), "classes": data.classes,
+    atomic_save({"config": model_cfg, "state_dict": weights, "classes": data.classes,
                  "mean": data.mean, "std": data.std, "dataset": cfg.dataset,
                  "data_root": cfg.data_root}, os.path.join(out, "model.pth"))
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -979,8 +982,9 @@ def plot_mistakes(data, preds, path, n=24):
     import matplotlib.pyplot as plt
     wrong = (preds != data.test_y).nonzero().flatten()
     wrong = wrong[spread(len(wrong), n).to(wrong.device)] if len(wrong) else wrong
-    rows = max(1, math.ceil(len(wrong) / 8))
-    fig, axes = plt.subplots(rows, 8, figsize=(1.7 * 8, 2.1 * rows), squeeze=False)
+    cols = 8
+    rows = max(1, math.ceil(len(wrong) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.1 * rows), squeeze=False)
     cmap = "gray" if data.test_x.size(1) == 1 else None
     for ax in axes.flat:
         ax.axis("off")
@@ -1157,7 +1161,8 @@ def predict_run(args, device):
     mode = "L" if saved["config"]["in_channels"] == 1 else "RGB"
     images = torch.stack([read_image(p, mode, cfg.image_size) for p in args.predict[1:]])
     unknown = torch.zeros(len(images), dtype=torch.long)         # no labels: none needed
-    data = Data(images, unknown, images, unknown, saved["classes"], saved["mean"], saved["std"])
+    data = Data(images[:0], unknown[:0], images, unknown, saved["classes"], saved["mean"],
+                saved["std"])                                     # only a "test split"
     x = data.to(device).normalize(data.test_x)                    # (B, C, H, W)
     probs = model(x).float().softmax(dim=-1)                      # (B, K)
     top_p, top_k = probs.topk(min(3, probs.size(1)), dim=-1)      # (B, 3) each
