@@ -6,10 +6,13 @@ with copied weights, the paper's formulas, or a second code path in the same fil
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -531,8 +534,9 @@ def test_a_crash_keeps_the_last_checkpoint_and_resume_continues_exactly(precisio
         return real_evaluate(*a, **k)
 
     monkeypatch.setattr(vit, "evaluate", crash_on_third_call)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:
         vit.main(args + ["--out", str(tmp_path / "crashed")])
+    assert e.value.code == 130
     monkeypatch.setattr(vit, "evaluate", real_evaluate)
     ckpt = torch.load(tmp_path / "crashed" / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2
@@ -735,18 +739,49 @@ def test_precision_policy_on_cpus_and_macs(native, monkeypatch, capsys):
     assert ("emulated" in capsys.readouterr().out) == (not native)
 
 
-def test_float32_on_cuda_uses_tf32(monkeypatch):
-    fake_gpu(monkeypatch, "NVIDIA A100", (8, 0))
+@pytest.mark.parametrize("name, capability, tf32", [("Tesla T4", (7, 5), False),
+                                                     ("NVIDIA A100", (8, 0), True)])
+def test_cuda_uses_tf32_where_it_pays_and_never_cudnn_attention(name, capability, tf32,
+                                                                monkeypatch):
+    # TF32 only from compute capability 8.0, through the API the installed torch prefers,
+    # with no warning; cuDNN's attention kernel off on every GPU.
+    fake_gpu(monkeypatch, name, capability)
     monkeypatch.setattr(vit, "check_supported", lambda name, device: None)
-    before = torch.get_float32_matmul_precision()
+    cudnn_sdp = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", cudnn_sdp.append)
+    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    read = ((lambda: torch.backends.cuda.matmul.fp32_precision) if new_api else
+            torch.get_float32_matmul_precision)
+    before = read()
     try:
-        torch.set_float32_matmul_precision("highest")             # PyTorch's default
-        vit.choose_precision("fp32", torch.device("cpu"))
-        assert torch.get_float32_matmul_precision() == "highest"   # the CPU is left alone
-        vit.choose_precision("fp32", torch.device("cuda"))
-        assert torch.get_float32_matmul_precision() == "high"      # TF32 matmuls
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            vit.choose_precision("fp32", torch.device("cpu"))
+            assert read() == before and cudnn_sdp == []            # the CPU is left alone
+            vit.choose_precision("fp32", torch.device("cuda"))
+        assert read() == (("tf32" if new_api else "high") if tf32 else before)
+        assert cudnn_sdp == [False]
     finally:
-        torch.set_float32_matmul_precision(before)
+        if new_api:
+            torch.backends.cuda.matmul.fp32_precision = before
+        else:
+            torch.set_float32_matmul_precision(before)
+
+
+def test_the_gpu_random_generator_of_the_device_in_use_is_saved(monkeypatch):
+    # A checkpoint from a 2-GPU machine must resume on one GPU: one state, that of the device
+    # in use (get_rng_state_all would save one per GPU, and set_rng_state_all needs as many).
+    state, restored = torch.arange(4, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda s, device="cuda": restored.append((s, device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", None)   # never called
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", None)
+    saved = vit.rng_state(torch.device("cuda:0"))
+    assert torch.equal(saved["cuda"], state)
+    vit.set_rng_state(saved, torch.device("cuda:0"))
+    assert len(restored) == 1 and torch.equal(restored[0][0], state)
+    assert restored[0][1] == torch.device("cuda:0")
 
 
 def test_fp32_builds_no_autocast_context(colors, tmp_path, monkeypatch):
@@ -774,8 +809,8 @@ def test_a_skipped_fp16_step_keeps_the_schedule(monkeypatch):
     # schedule steps all the same (no warning), so the cosine still ends on the last step.
     model = tiny_vit()
     cfg = vit.Config(epochs=1, warmup=0.5)
-    opt, sched = vit.build_optimizer(model, cfg, steps_per_epoch=4)
-    _, reference = vit.build_optimizer(tiny_vit(), cfg, steps_per_epoch=4)
+    opt, sched = vit.build_optimizer(model, cfg, 4)
+    _, reference = vit.build_optimizer(tiny_vit(), cfg, 4)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
@@ -871,3 +906,513 @@ def test_predict_bad_input_is_one_sentence(trained_run, tmp_path, capsys):
     fails_with(["--predict", os.path.join(out, "checkpoint.pth"), str(text)], capsys,
                "model.pth")
     fails_with(["--predict", model_pth], capsys, "one or more image")
+
+
+# ------------------------------------------------------------------------------------------
+# vit.py: never silently wrong (divergence, schedule on resume, flags, image folders, GPUs)
+# ------------------------------------------------------------------------------------------
+def strict_json(path):
+    # JSON as JavaScript's JSON.parse reads it: NaN and Infinity are not JSON
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--lr", "nan"], ["--lr must be a finite number"]),
+    (["--lr", "inf"], ["--lr must be a finite number"]),
+    (["--clip-grad", "nan"], ["--clip-grad must be a finite number"]),
+    (["--weight-decay", "nan"], ["--weight-decay must be a finite number"]),
+    (["--warmup", "nan"], ["--warmup must be a finite number"]),
+    (["--lr", "3000"], ["--lr must be at most 1"]),
+    (["--lr", "0.5", "--weight-decay", "2"], ["times --weight-decay", "below 1"]),
+])
+def test_non_finite_options_are_refused(flags, words, colors, capsys, tmp_path):
+    fails_with(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL + flags, capsys,
+               *words)
+    assert not (tmp_path / "run").exists()                   # refused before a folder is made
+
+
+def test_a_diverging_run_stops_with_one_sentence_and_writes_no_nan(colors, tmp_path, capsys,
+                                                                   monkeypatch):
+    # After the first step the weights are nan, as after a step far too large: the loss of
+    # every later step is nan. (Naturally diverging runs are slow or depend on the CPU.)
+    real, steps = vit.train_step, []
+
+    def blow_up_after_one_step(model, *a):
+        result = real(model, *a)
+        steps.append(1)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(vit, "train_step", blow_up_after_one_step)
+    out = tmp_path / "run"
+    err = fails_with(["--dataset", colors, "--out", str(out)] + SMALL, capsys,
+                     "diverged in epoch 1", "no checkpoint was written", "lower --lr")
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()                         # nothing worth keeping: folder given back
+    assert len(steps) < 3                           # stopped at the first look at the loss
+
+
+def test_divergence_keeps_the_last_good_checkpoint(colors, tmp_path, capsys, monkeypatch):
+    # Epoch 1 trains well; in epoch 2 the weights turn to NaN. checkpoint.pth and model.pth
+    # must still hold epoch 1, and metrics.json must stay JSON.
+    real = vit.train_one_epoch
+
+    def poison_epoch_2(model, *a, **k):
+        result = real(model, *a, **k)
+        if a[-1] == 2:                                         # the epoch number
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return result
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(vit, "train_one_epoch", poison_epoch_2)
+    fails_with(["--dataset", colors, "--out", str(out)] + SMALL[:1] + ["3"] + SMALL[2:], capsys,
+               "diverged in epoch 2", "checkpoint of epoch 1", "is kept")
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    saved = torch.load(out / "model.pth", weights_only=True)
+    assert all(torch.isfinite(w).all() for w in saved["state_dict"].values())
+    assert [m["epoch"] for m in strict_json(out / "metrics.json")] == [1]
+
+
+def test_eval_and_predict_refuse_a_diverged_model(trained_run, tmp_path, capsys):
+    folder, out, _ = trained_run
+    saved = torch.load(os.path.join(out, "model.pth"), weights_only=True)
+    next(iter(saved["state_dict"].values())).fill_(float("nan"))
+    torch.save(saved, tmp_path / "nan.pth")
+    image = os.path.join(folder, "test", "red", "0.png")
+    fails_with(["--eval", str(tmp_path / "nan.pth")], capsys, "nan or inf", "diverged")
+    fails_with(["--predict", str(tmp_path / "nan.pth"), image], capsys, "nan or inf")
+
+
+def schedule(step, peak, warmup, total):
+    # the schedule as the README states it, written out independently of vit.py
+    if step < warmup:
+        return peak * (0.001 + 0.999 * step / warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def record_lrs(monkeypatch):
+    lrs, real = [], vit.train_step
+
+    def recording(model, x, y, opt, *a):
+        lrs.append(opt.param_groups[0]["lr"])                 # the lr this step uses
+        return real(model, x, y, opt, *a)
+    monkeypatch.setattr(vit, "train_step", recording)
+    return lrs
+
+
+@pytest.mark.parametrize("stop_after, epochs", [(1, 4), (1, 6), (2, 6), (2, 3)])
+def test_a_resumed_run_follows_the_schedule_of_its_length(stop_after, epochs, colors, tmp_path,
+                                                          monkeypatch, capsys):
+    # 3 steps an epoch, warmup 30% of 12 steps = 4 steps: a run stopped after epoch 1 stops
+    # inside the warmup, one stopped after epoch 2 after it. Resumed with the same or a new
+    # --epochs, every step's lr must be the formula's for the new length.
+    args = ["--dataset", colors, "--epochs", "4", "--warmup", "0.3", "--lr", "0.01"] + SMALL[2:]
+    real_evaluate, calls = vit.evaluate, []
+
+    def stop(*a, **k):
+        calls.append(1)
+        if len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+    monkeypatch.setattr(vit, "evaluate", stop)
+    with pytest.raises(SystemExit):
+        vit.main(args + ["--out", str(tmp_path / "first")])
+    monkeypatch.setattr(vit, "evaluate", real_evaluate)
+    lrs = record_lrs(monkeypatch)
+    vit.main(["--resume", str(tmp_path / "first" / "checkpoint.pth"), "--epochs", str(epochs),
+              "--out", str(tmp_path / "resumed")])
+    total = 3 * epochs
+    warmup = round(0.3 * total)
+    want = [schedule(s, 0.01, warmup, total) for s in range(3 * stop_after, total)]
+    assert lrs == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert max(lrs) <= 0.01 * (1 + 1e-9)
+
+
+def test_clip_grad_zero_means_no_clipping(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("gradients were clipped")
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", refuse)
+    model, reference = tiny_vit(), tiny_vit()
+    cfg = vit.Config(epochs=1, clip_grad=0)
+    opt, sched = vit.build_optimizer(model, cfg, 4)
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
+    vit.train_step(model, x, y, opt, sched, torch.amp.GradScaler("cpu", enabled=False), cfg,
+                   "fp32", torch.device("cpu"))
+    nn.functional.cross_entropy(reference(x), y, label_smoothing=0.1).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)                # as computed: not zeroed
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_a_preset_names_its_data_set_and_an_explicit_dataset_wins():
+    parse = vit.build_parser().parse_args
+    assert vit.resolve_config(parse(["--preset", "cpu"])).dataset == "fashionmnist"
+    assert vit.resolve_config(parse(["--preset", "tiny"])).dataset == "cifar10"
+    assert vit.resolve_config(parse(["--preset", "cpu", "--dataset", "cifar10"])).dataset == \
+        "cifar10"
+
+
+@pytest.mark.parametrize("dataset, patch", [("cifar10", "7"), ("fashionmnist", "5")])
+def test_a_patch_size_that_misfits_a_known_data_set_is_refused_before_downloading(
+        dataset, patch, capsys, monkeypatch, tmp_path):
+    def no_download(*a, **k):
+        raise AssertionError("the data set was loaded")
+    monkeypatch.setattr(vit, "load_torchvision", no_download)
+    fails_with(["--dataset", dataset, "--patch-size", patch, "--out", str(tmp_path / "r")],
+               capsys, "not divisible by patch size")
+
+
+def test_many_classes_draw_a_plain_confusion_image(tmp_path, monkeypatch, capsys):
+    # 1,000 classes: no per-cell text (a million labels took over 15 minutes); 5: all 25.
+    import matplotlib.axes
+    texts, real = [], matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, *a, **k: texts.append(1) or real(self, *a, **k))
+    for K, cells in ((1000, 0), (5, 25)):
+        texts.clear()
+        y = torch.arange(2 * K) % K
+        data = vit.Data(torch.zeros(0), y[:0], torch.zeros(2 * K, 1, 4, 4, dtype=torch.uint8),
+                        y, [f"class{k}" for k in range(K)], [0.5], [0.5])
+        vit.plot_confusion(data, y.roll(1), str(tmp_path / f"conf{K}.png"))
+        vit.plot_mistakes(data, y.roll(1), str(tmp_path / f"mistakes{K}.png"))
+        assert len(texts) == cells
+        assert os.path.getsize(tmp_path / f"conf{K}.png") > 0
+    assert "the 10 lowest" in capsys.readouterr().out
+
+
+def test_compile_builds_one_graph_for_training_and_one_for_evaluation(tmp_path, monkeypatch):
+    # 26 training images in batches of 8 and 14 test images: both end in a ragged batch.
+    # A counting backend stands in for inductor (too slow for this suite): it records the
+    # input shapes of every graph Dynamo compiles.
+    folder = make_image_folder(tmp_path / "colors", n_train=13, n_test=7)
+    shapes, real_compile = [], torch.compile
+
+    def counting(gm, example_inputs):
+        shapes.append([tuple(t.shape) for t in example_inputs
+                       if isinstance(t, torch.Tensor) and t.shape[1:] == (3, 16, 16)])  # images
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, **k: real_compile(
+        model, backend=counting, **k))
+    torch._dynamo.reset()
+    vit.main(["--dataset", folder, "--out", str(tmp_path / "run"), "--compile"] + SMALL)
+    torch._dynamo.reset()
+    batches = {s for graph in shapes for s in graph}
+    assert batches == {(8, 3, 16, 16)}, shapes          # one batch shape, training and eval
+    assert len(shapes) <= 2, shapes                     # one graph each
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_a_compile_failure_is_one_sentence(colors, tmp_path, capsys, monkeypatch):
+    def python_312(*a, **k):           # what torch < 2.4 raises on Python 3.12
+        raise RuntimeError("Dynamo is not supported on Python 3.12+")
+    monkeypatch.setattr(torch, "compile", python_312)
+    fails_with(["--dataset", colors, "--out", str(tmp_path / "run"), "--compile"] + SMALL,
+               capsys, "torch.compile is not available", "without --compile")
+    assert not (tmp_path / "run").exists()
+
+
+def save_rgb(path, rgb, size=(16, 16), **kwargs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, rgb).save(path, **kwargs)
+
+
+def test_an_image_folder_is_read_from_all_its_files_not_its_first(tmp_path, capsys):
+    # Sorted first in train/a: a grayscale image, then a 16-bit one, a float TIFF, a large
+    # 640x480 photo, a sideways phone photo (EXIF orientation 6) and a macOS ._ file; a
+    # .ipynb_checkpoints folder beside the classes. The set must come out RGB, 16 px, two
+    # classes, with every pixel value scaled right.
+    root = tmp_path / "mixed"
+    for split in ("train", "test"):
+        for c, rgb in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+            for i in range(4):
+                save_rgb(str(root / split / c / f"{i + 10}.png"), rgb)
+    a = root / "train" / "a"
+    Image.new("L", (16, 16), 77).save(a / "00-gray.png")
+    Image.fromarray(np.full((16, 16), 65535 // 2, dtype=np.uint16)).save(a / "01-16bit.png")
+    Image.fromarray(np.full((16, 16), 0.25, dtype=np.float32)).save(a / "02-float.tiff")
+    save_rgb(str(a / "03-photo.jpg"), (10, 200, 10), size=(640, 480), quality=95)
+    upright = np.zeros((32, 16, 3), dtype=np.uint8)              # tall: top half white
+    upright[:16] = 255
+    sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)   # stored wide
+    exif = Image.Exif()
+    exif[0x0112] = 6                                             # "rotate 90 degrees clockwise"
+    sideways.save(a / "04-phone.jpg", exif=exif, quality=95)
+    (a / "._00-gray.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    save_rgb(str(root / "train" / ".ipynb_checkpoints" / "x.png"), (0, 0, 0))
+    data = vit.load_data(vit.Config(dataset=str(root)))
+    assert data.classes == ["a", "b"]
+    assert data.train_x.shape == (13, 3, 16, 16) and data.test_x.shape == (8, 3, 16, 16)
+    x = {f: data.train_x[i] for i, f in enumerate(sorted(os.listdir(a)) [1:])}   # no ._ file
+    assert torch.all(x["00-gray.png"] == 77)                     # gray in an RGB set
+    assert torch.all((x["01-16bit.png"] - 127).abs() <= 1)      # half of 65535: half of 255
+    assert torch.all((x["02-float.tiff"] - 64).abs() <= 1)      # 0.25 of 1: 64 of 255
+    assert (x["03-photo.jpg"][1].float().mean() - 200).abs() < 5   # resized, still green
+    top, bottom = x["04-phone.jpg"][:, :4].float().mean(), x["04-phone.jpg"][:, -4:].float().mean()
+    assert top > 200 and bottom < 50                             # upright: white on top
+    out = capsys.readouterr().out
+    assert "images: RGB, 16x16 px (the commonest size); 2 of 21 resized or cropped" in out
+
+
+def test_predict_turns_a_phone_photo_upright(tmp_path):
+    upright = np.zeros((32, 16, 3), dtype=np.uint8)
+    upright[:16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(
+        tmp_path / "p.jpg", exif=exif, quality=95)
+    x = vit.read_image(str(tmp_path / "p.jpg"), "L", 16)         # the centre 16x16 of 16x32
+    assert x[0, :4].float().mean() > 200 and x[0, -4:].float().mean() < 50
+
+
+def test_an_image_folder_with_one_class_or_unreadable_files_is_one_sentence(tmp_path, capsys):
+    one = tmp_path / "one"
+    for split in ("train", "test"):
+        save_rgb(str(one / split / "cat" / "0.png"), (1, 2, 3))
+    fails_with(["--dataset", str(one), "--out", str(tmp_path / "r1")], capsys,
+               "1 class folder", "at least two")
+    broken = tmp_path / "broken"
+    make_image_folder(broken)
+    for i in range(5):                                           # the first file among them
+        (broken / "train" / "blue" / f"0{i}-bad.png").write_bytes(b"not a png")
+    err = fails_with(["--dataset", str(broken), "--out", str(tmp_path / "r2")], capsys,
+                     "5 files cannot be read as images", "00-bad.png", "and 2 more")
+    assert len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# transformer.py: bad input and divergence are one sentence
+# ------------------------------------------------------------------------------------------
+def transformer_fails_with(argv, capsys, code, *words):
+    with pytest.raises(SystemExit) as e:
+        tf.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "error: " in err.splitlines()[-1], err   # [usage,] error
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_transformer_bad_device_and_lr_are_one_sentence(capsys, monkeypatch):
+    monkeypatch.setattr(tf, "train", None)                     # nothing may train
+    transformer_fails_with(["--device", "banana"], capsys, 1, "'banana' is not available")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    transformer_fails_with(["--device", "cuda"], capsys, 1, "'cuda' is not available")
+    transformer_fails_with(["--lr", "nan"], capsys, 2, "--lr must be positive")
+    transformer_fails_with(["--lr", "inf"], capsys, 2, "--lr must be at most 1")
+
+
+def test_transformer_trains_for_any_number_of_steps():
+    # OneCycleLR divided by zero for some short runs (--steps 10); the formula does not
+    for steps in (1, 2, 10):
+        cfg = tf.Config(d_model=16, n_heads=2, n_layers=1, d_ff=32, steps=steps, batch_size=4)
+        model = tf.Transformer(tf.VOCAB_SIZE, tf.VOCAB_SIZE, 16, 2, 1, 32, 0.0, pad_idx=tf.PAD)
+        assert len(tf.train(model, [[3, 4, 5]] * 8, cfg, "cpu", log_every=100)) == steps
+
+
+def test_transformer_stops_when_the_loss_turns_non_finite(monkeypatch):
+    real, calls = tf.loss_fn, []
+
+    def nan_from_step_3(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) >= 3 else loss
+    monkeypatch.setattr(tf, "loss_fn", nan_from_step_3)
+    cfg = tf.Config(d_model=16, n_heads=2, n_layers=1, d_ff=32, steps=10, batch_size=8)
+    model = tf.Transformer(tf.VOCAB_SIZE, tf.VOCAB_SIZE, 16, 2, 1, 32, 0.0, pad_idx=tf.PAD)
+    with pytest.raises(tf.UserError, match="diverged at step 3"):
+        tf.train(model, [[3, 4, 5]] * 20, cfg, "cpu", log_every=100)
+    assert len(calls) == 3
+
+
+def test_transformer_checks_its_out_folder_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tf, "train", None)
+    (tmp_path / "file").write_text("x")
+    transformer_fails_with(["--out", str(tmp_path / "file" / "figs")], capsys, 1,
+                           "cannot write in the folder")
+
+
+def test_transformer_figure_write_failure_is_one_sentence(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    def full_disk(self, path, **k):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(tf.UserError, match="No space left on device"):
+        tf.plot_causal_mask(str(tmp_path / "causal.png"))
+    assert os.listdir(tmp_path) == []                          # no temporary file left
+
+
+# ------------------------------------------------------------------------------------------
+# vit.py: a run is never lost (run folders, full disks, Ctrl-C, moved data)
+# ------------------------------------------------------------------------------------------
+def file_bytes(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def test_a_new_run_never_writes_into_a_folder_that_holds_a_run(trained_run, colors, tmp_path,
+                                                               capsys):
+    _, out, _ = trained_run
+    before = file_bytes(out)
+    fails_with(["--dataset", colors, "--out", out, "--epochs", "1"] + SMALL[2:], capsys,
+               "already holds a run", "--resume " + os.path.join(out, "checkpoint.pth"))
+    # a resumed run branched into a folder that holds another run: refused as well
+    other = tmp_path / "other"
+    vit.claim_run_folder(str(other))
+    fails_with(["--resume", os.path.join(out, "checkpoint.pth"), "--epochs", "3", "--out",
+                str(other)], capsys, "already holds a run")
+    assert file_bytes(out) == before                           # byte for byte
+
+
+def test_resume_with_out_branches_and_leaves_the_original_as_it_was(trained_run, tmp_path):
+    _, out, metrics = trained_run
+    before = file_bytes(out)
+    branch = tmp_path / "branch"
+    vit.main(["--resume", os.path.join(out, "checkpoint.pth"), "--epochs", "3", "--out",
+              str(branch)])
+    assert file_bytes(out) == before
+    more = read_metrics(branch)
+    assert [m["epoch"] for m in more] == [1, 2, 3] and more[:2] == metrics
+
+
+def test_a_second_process_cannot_claim_a_claimed_run_folder(tmp_path):
+    vit.claim_run_folder(str(tmp_path / "run"))               # as the first process does
+    with pytest.raises(vit.UserError, match="already holds a run"):
+        vit.claim_run_folder(str(tmp_path / "run"))
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(colors, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261129-120000")
+    for _ in range(2):
+        vit.main(["--dataset", colors] + SMALL)
+    assert sorted(os.listdir(tmp_path / "runs")) == ["colors-20261129-120000",
+                                                     "colors-20261129-120000-2"]
+    for run in os.listdir(tmp_path / "runs"):
+        assert len(read_metrics(tmp_path / "runs" / run)) == 2
+
+
+def test_an_out_folder_that_cannot_be_made_fails_before_any_data_is_read(trained_run, tmp_path,
+                                                                        capsys, monkeypatch):
+    folder, out, _ = trained_run
+    model_pth = os.path.join(out, "model.pth")
+    image = os.path.join(folder, "test", "red", "0.png")
+
+    def no_data(*a, **k):
+        raise AssertionError("data was read before the output folder was checked")
+    monkeypatch.setattr(vit, "load_data", no_data)
+    monkeypatch.setattr(vit, "read_image", no_data)
+    (tmp_path / "file").write_text("x")
+    bad = [str(tmp_path / "file"), str(tmp_path / "file" / "under")]
+    if os.path.isdir("/proc/self"):
+        bad.append("/proc/vit-test")
+    for path in bad:
+        fails_with(["--dataset", folder, "--out", path] + SMALL, capsys, "cannot", path)
+        fails_with(["--eval", model_pth, "--out", path], capsys, "cannot", path)
+        fails_with(["--predict", model_pth, image, "--out", path], capsys, "cannot", path)
+
+
+def test_a_full_disk_is_one_sentence_and_keeps_the_last_checkpoint(colors, tmp_path, capsys,
+                                                                   monkeypatch):
+    real_save, calls = torch.save, []
+
+    def disk_full_in_epoch_2(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 3:                          # epoch 2's checkpoint.pth, half written
+            open(path, "wb").write(b"PK partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "19712 vs 19600")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", disk_full_in_epoch_2)
+    out = tmp_path / "run"
+    err = fails_with(["--dataset", colors, "--out", str(out)] + SMALL, capsys,
+                     str(out / "checkpoint.pth"), "full disk")
+    assert len(err.splitlines()) == 1
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+
+    import matplotlib.figure
+
+    def no_space(self, path, **k):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
+    err = fails_with(["--dataset", colors, "--out", str(tmp_path / "run2")] + SMALL, capsys,
+                     "curves.png", "No space left on device")
+    assert not [f for f in os.listdir(tmp_path / "run2") if f.endswith(".tmp")]
+
+
+def test_ctrl_c_says_how_to_resume_and_the_resumed_run_is_exact(colors, tmp_path):
+    args = ["--dataset", colors, "--epochs", "40"] + SMALL[2:]
+    vit.main(args + ["--out", str(tmp_path / "full"), "--precision", "fp32"])
+    full = read_metrics(tmp_path / "full")
+    out = tmp_path / "stopped"
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.Popen([sys.executable, "vit.py", *args, "--out", str(out), "--precision",
+                          "fp32"], cwd=here, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    t0 = time.time()
+    while not (out / "checkpoint.pth").exists() and p.poll() is None and time.time() - t0 < 60:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    stopped = read_metrics(out)
+    assert err.strip() == (f"interrupted after epoch {len(stopped)}; resume with `python vit.py "
+                           f"--resume {out / 'checkpoint.pth'}`")
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert 1 <= len(stopped) < 40
+    vit.main(["--resume", str(out / "checkpoint.pth")])
+    resumed = read_metrics(out)
+    assert len(resumed) == len(full)
+    for a, b in zip(resumed, full):
+        assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "seconds"})
+
+
+def test_ctrl_c_in_a_notebook_prints_the_line_and_returns(colors, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)
+    real, calls = vit.evaluate, []
+
+    def stop_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(vit, "evaluate", stop_in_epoch_2)
+    assert vit.main(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL) is None
+    assert capsys.readouterr().err.strip().startswith("interrupted after epoch 1; resume with")
+
+
+def test_a_run_resumes_after_its_data_moved(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "mydata")
+    vit.main(["--dataset", "mydata", "--out", "run"] + SMALL)  # a relative path
+    os.rename(tmp_path / "mydata", tmp_path / "moved")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ckpt = str(tmp_path / "run" / "checkpoint.pth")
+    fails_with(["--resume", ckpt, "--epochs", "3"], capsys, "mydata")     # not there any more
+    other = make_image_folder(tmp_path / "other", classes=("red", "green"))
+    fails_with(["--resume", ckpt, "--epochs", "3", "--dataset", other], capsys, "does not fit")
+    vit.main(["--resume", ckpt, "--epochs", "3", "--dataset", "../moved"])
+    assert len(read_metrics(tmp_path / "run")) == 3
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert saved["config"]["dataset"] == str(tmp_path / "moved")          # saved resolved
+
+
+def test_messages_say_what_is_true(trained_run, tmp_path, capsys):
+    folder, out, _ = trained_run
+    fails_with(["--resume", os.path.join(out, "checkpoint.pth"), "--epochs", "1"], capsys,
+               "already finished 2 epochs")
+    fails_with(["--predict", os.path.join(out, "model.pth"), folder], capsys, "is a folder")

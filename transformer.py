@@ -32,12 +32,18 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A problem the user can fix (a device this machine lacks, a folder it cannot write, a
+    run that diverged): main() prints its one-sentence message instead of a traceback."""
 
 
 # -----------------------------------------------------------------------------------------
@@ -352,9 +358,10 @@ def make_datasets(cfg):
 
 # -----------------------------------------------------------------------------------------
 # 10. Training and evaluation
-# Adam with the paper's betas (0.9, 0.98), a short linear warmup then cosine decay to zero at
-# the last step (torch's OneCycleLR), label smoothing 0.1 as in the paper, PAD positions
-# ignored by the loss, and gradient clipping for safety.
+# Adam with the paper's betas (0.9, 0.98), a linear warmup over the first 10% of steps (from
+# 1/25 of the peak) then half a cosine down to zero at the last step (lr_factor, through
+# torch's LambdaLR), label smoothing 0.1 as in the paper, PAD positions ignored by the loss,
+# and gradient clipping for safety.
 # -----------------------------------------------------------------------------------------
 @dataclass
 class Config:
@@ -373,7 +380,14 @@ class Config:
     seed: int = 0
 
 
-def pick_device():
+def pick_device(name=None):
+    if name:
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": torch.backends.mps.is_available()}
+        if not available.get(name.split(":")[0], False):
+            raise UserError(f"device {name!r} is not available here; use cpu"
+                            + ", cuda" * available["cuda"] + ", mps" * available["mps"] + ".")
+        return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -387,10 +401,17 @@ def loss_fn(logits, tgt_out, label_smoothing=0.1):
                            ignore_index=PAD, label_smoothing=label_smoothing)
 
 
+def lr_factor(step, warmup, total):
+    # the learning rate before step `step` (0 ... total), as a fraction of the peak
+    if step < warmup:
+        return 0.04 + 0.96 * step / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
 def train(model, train_strings, cfg, device, log_every=250):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps,
-                                                pct_start=0.1, cycle_momentum=False)
+    warmup = max(1, round(0.1 * cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, cfg.steps))
     g = torch.Generator().manual_seed(cfg.seed + 1)
     model.train()
     losses, t0 = [], time.time()
@@ -405,6 +426,9 @@ def train(model, train_strings, cfg, device, log_every=250):
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):           # the weights are lost: stop, and say so
+            raise UserError(f"training diverged at step {step} (the loss became "
+                            f"{losses[-1]}); try a lower --lr than {cfg.lr}.")
         if step % log_every == 0 or step == cfg.steps:
             recent = losses[-log_every:]
             print(f"step {step:5d}/{cfg.steps}  loss {sum(recent) / len(recent):.4f}  "
@@ -511,12 +535,22 @@ def in_notebook():
 
 
 def save_figure(fig, path):
+    # Written under a temporary name and renamed when complete; a failed write (a full
+    # disk) removes it and says which file, in one sentence.
     import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    if in_notebook():
-        plt.show()
-    plt.close(fig)
+    tmp = path + ".tmp"
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+        if in_notebook():
+            plt.show()
+    except OSError as e:
+        raise UserError(f"could not write {path!r} ({e.strerror or e}).") from None
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"saved {path}")
 
 
@@ -630,9 +664,21 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(command_line(argv))
     for name in ("steps", "batch_size", "lr"):
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:                                 # nan fails this too
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    if not args.lr <= 1:                                                # inf fails this too
+        p.error(f"--lr must be at most 1 (Adam moves every weight by about lr at each step), "
+                f"got {args.lr}.")
     return args
+
+
+def writable_folder(path):
+    # Made and tried before training: a typo in --out costs a second, not a minute of training.
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"cannot write in the folder {path!r} ({e.strerror or e}).") from None
 
 
 def main(argv=None):
@@ -646,8 +692,22 @@ def main(argv=None):
         if in_notebook():
             return None
         raise
+    try:
+        return run(args)
+    except KeyboardInterrupt:                   # Ctrl-C, or a notebook's stop button
+        error, status = "interrupted; nothing is saved but the figures already written", 130
+    except UserError as e:
+        error, status = f"error: {e}", 1
+    print(error, file=sys.stderr)
+    if not in_notebook():
+        sys.exit(status)
+
+
+def run(args):
     cfg = Config(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    device = torch.device(args.device) if args.device else pick_device()
+    device = pick_device(args.device)
+    if not args.no_figures:
+        writable_folder(args.out)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
 
@@ -666,7 +726,6 @@ def main(argv=None):
     train(model, train_strings, cfg, device)
 
     if not args.no_figures:
-        os.makedirs(args.out, exist_ok=True)
         plot_positional_encoding(os.path.join(args.out, "positional_encoding.png"))
         plot_causal_mask(os.path.join(args.out, "causal_mask.png"))
         plot_masks_for_batch(os.path.join(args.out, "masks.png"), test_strings[:6])

@@ -42,6 +42,7 @@ import math
 import os
 import pickle
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -55,7 +56,12 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing data, unusable file): main() prints its
-    one-sentence message instead of a traceback."""
+    one-sentence message instead of a traceback, and exits with this status."""
+    status = 1
+
+
+class Interrupted(UserError):
+    status = 130                  # the shell's status for a program stopped by Ctrl-C
 
 
 def in_notebook():
@@ -104,7 +110,8 @@ class PatchEmbed(nn.Module):
 #   fused=False: the hand-written reference below, which also keeps the attention weights
 #                for the attention maps;
 #   fused=True:  F.scaled_dot_product_attention, which never stores the (N, N) matrix and
-#                runs a fused kernel on GPUs (FlashAttention); this is the fast default.
+#                runs one fused kernel; on GPUs it is the faster path (section 8 says which
+#                path runs where, and why).
 # -----------------------------------------------------------------------------------------
 class Attention(nn.Module):
     def __init__(self, dim, heads, dropout=0.0, fused=True):
@@ -271,7 +278,7 @@ class Config:
     weight_decay: float = 0.05
     warmup: float = 0.05            # fraction of all steps spent warming up
     label_smoothing: float = 0.1
-    clip_grad: float = 1.0          # largest global gradient norm
+    clip_grad: float = 1.0          # largest global gradient norm; 0: no clipping
     seed: int = 0
     image_size: int = 0             # 0: the data set's own size
     patch_size: int = 4
@@ -291,10 +298,11 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "cpu": dict(epochs=25, batch_size=256, lr=3e-3, patch_size=7, dim=64, depth=3, heads=4,
+    "cpu": dict(dataset="fashionmnist", epochs=25, batch_size=256, lr=3e-3, patch_size=7, dim=64, depth=3, heads=4,
                 mlp_dim=128, crop_pad=1),
-    "tiny": dict(batch_size=256, lr=2e-3, dim=64, depth=6, heads=4, mlp_dim=128),
+    "tiny": dict(dataset="cifar10", batch_size=256, lr=2e-3, dim=64, depth=6, heads=4, mlp_dim=128),
 }
+KNOWN_SIZES = {"cifar10": 32, "fashionmnist": 28}          # known before any download
 MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "dropout", "pool")
 CHOICES = {"pool": ("cls", "mean"), "precision": ("auto", "bf16", "fp16", "fp32"),
            "attn": ("auto", "fused", "manual")}
@@ -304,6 +312,9 @@ def validate(cfg):
     # Checked before anything is loaded, so a typo costs a second, not a download.
     def bad(name, rule):
         return UserError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}.")
+    for f in fields(cfg):                         # nan and inf pass every comparison below
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise bad(f.name, "be a finite number")
     for name in ("epochs", "batch_size", "lr", "patch_size", "dim", "depth", "heads", "mlp_dim"):
         if getattr(cfg, name) <= 0:
             raise bad(name, "be positive")
@@ -313,9 +324,18 @@ def validate(cfg):
     for name in ("image_size", "crop_pad", "weight_decay", "clip_grad"):
         if (getattr(cfg, name) or 0) < 0:
             raise bad(name, "not be negative")
+    if cfg.lr > 1:                                # Adam moves each weight by about lr a step
+        raise bad("lr", "be at most 1: AdamW moves every weight by about lr at each step")
+    if cfg.lr * cfg.weight_decay >= 1:            # AdamW multiplies weights by 1 - lr * wd
+        raise UserError(f"--lr {cfg.lr} times --weight-decay {cfg.weight_decay} must be below 1: "
+                        f"AdamW multiplies every weight by 1 - lr * weight_decay at each step.")
     if cfg.dim % cfg.heads != 0:
         raise UserError(f"dim {cfg.dim} is not divisible by heads {cfg.heads}; every head must "
                         f"get an equal share of the width.")
+    size = cfg.image_size or KNOWN_SIZES.get(cfg.dataset.lower(), 0)   # 0: a folder, unknown
+    if size % cfg.patch_size != 0:
+        raise UserError(f"image size {size} is not divisible by patch size {cfg.patch_size}; "
+                        f"choose --patch-size among its divisors.")
 
 
 # -----------------------------------------------------------------------------------------
@@ -389,9 +409,23 @@ def precision_policy(requested, device):
 def choose_precision(requested, device):
     name, why = precision_policy(requested, device)
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")    # TF32 for what runs in float32
+        use_fast_cuda_kernels(device)
     check_supported(name, device)
     return name, why
+
+
+def use_fast_cuda_kernels(device):
+    # TF32 for what runs in float32, where tensor cores have it (compute capability 8.0+),
+    # through the API the installed torch prefers (the older one warns from torch 2.9 on).
+    if torch.cuda.get_device_capability(device)[0] >= 8:
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        else:
+            torch.set_float32_matmul_precision("high")
+    # F.scaled_dot_product_attention may pick cuDNN's kernel on H100s, which has had wrong
+    # results for sequence lengths that are not multiples of 128 (ours: 65); the flash,
+    # memory-efficient and plain kernels remain.
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def check_supported(name, device):
@@ -480,65 +514,134 @@ def load_torchvision(name, root):
 
 def read_image(path, mode, size):
     # One image file -> uint8 (C, size, size), the way every image of a folder data set is
-    # read, and the way --predict reads yours: converted to the model's channels ("L" gray
-    # or "RGB"), the shorter side resized to `size`, the centre cut square.
-    from PIL import Image
+    # read, and the way --predict reads yours: turned upright as its EXIF tag says (phones
+    # store photos sideways and record how to turn them), brought to 8 bits, converted to
+    # the model's channels ("L" gray or "RGB"), the shorter side resized to `size`, and
+    # the centre cut square.
+    from PIL import Image, ImageOps
     from torchvision.transforms import functional as TF
+    if os.path.isdir(path):
+        raise UserError(f"{path!r} is a folder; give image files (for example {path}/*.jpg).")
     if not os.path.isfile(path):
         raise UserError(f"image {path!r} does not exist.")
     try:
         with Image.open(path) as im:
-            im = im.convert(mode)
+            im = to_8_bits(ImageOps.exif_transpose(im)).convert(mode)
             if im.size != (size, size):
                 im = TF.center_crop(TF.resize(im, size, antialias=True), size)
             return TF.pil_to_tensor(im)                           # (C, size, size)
-    except OSError as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read {path!r} as an image ({e}).") from None
 
 
-def load_image_folder(path, image_size):
-    # Your own data: folder/train/<class>/*.jpg and folder/test/<class>/*.jpg, the layout of
-    # torchvision's ImageFolder, whose class list (sorted folder names) gives the labels.
-    # Every image is brought to one size and one channel count, those of the first image
-    # unless --image-size says otherwise, so that the split stacks into one tensor.
+def to_8_bits(im):
+    # Pillow's convert() clips 16-bit and float pixels to 0..255 instead of scaling them: a
+    # 16-bit scan would come out white, a float one (0..1) black. Scale them ourselves.
+    import numpy as np
     from PIL import Image
-    import torchvision
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im                                                 # already 8 bits a channel
+    x = np.asarray(im, dtype=np.float64)
+    scale = 255 / 65535 if im.mode.startswith("I") else 255 if x.max() <= 1 else 1
+    return Image.fromarray((x * scale).round().clip(0, 255).astype(np.uint8), "L")
+
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")   # Pillow's
+
+
+def list_split(folder):
+    # torchvision's ImageFolder layout: folder/<class>/**/*.jpg, classes sorted by name give
+    # the labels. Hidden entries (.ipynb_checkpoints/, macOS's ._photo.jpg) are not data.
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir()
+                     and not e.name.startswith("."))
+    files, labels = [], []
+    for k, c in enumerate(classes):
+        for root, dirs, names in os.walk(os.path.join(folder, c), followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found = sorted(n for n in names if n.lower().endswith(IMG_EXTENSIONS)
+                           and not n.startswith("."))
+            files += [os.path.join(root, n) for n in found]
+            labels += [k] * len(found)
+    return files, torch.tensor(labels, dtype=torch.long), classes
+
+
+def refuse_unreadable(bad):
+    # Every unreadable file in one message: fixing them one run at a time is no fun.
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UserError(f"{len(bad)} files cannot be read as images: {', '.join(bad[:3])}"
+                        f"{more}; remove or replace them.")
+
+
+def load_image_folder(path, image_size):
+    # Your own data: folder/train/<class>/... and folder/test/<class>/... . Every image is
+    # brought to one size and one channel count, so that a split is one tensor: RGB if any
+    # image has colour, else gray; the size of --image-size, else the commonest shorter side.
+    # A first pass reads only the files' headers (cheap) to decide both; the second decodes
+    # each image straight into its slot of a tensor allocated once.
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
     missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(path, s))]
     if missing:
         raise UserError(f"{path!r} has no {' or '.join(s + '/' for s in missing)} subfolder; an "
                         f"image folder needs train/<class>/... and test/<class>/... images.")
-    try:
-        train = torchvision.datasets.ImageFolder(os.path.join(path, "train"))
-        test = torchvision.datasets.ImageFolder(os.path.join(path, "test"))
-    except (FileNotFoundError, OSError) as e:
-        raise UserError(f"cannot read the image folder {path!r}: {e}") from None
-    if train.classes != test.classes:
+    (train_files, train_y, classes), (test_files, test_y, test_classes) = (
+        list_split(os.path.join(path, s)) for s in ("train", "test"))
+    if classes != test_classes:
         raise UserError(f"train/ and test/ of {path!r} hold different classes "
-                        f"({train.classes} vs {test.classes}).")
-    with Image.open(train.samples[0][0]) as first:    # the first image sets mode and size
-        mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"   # gray or colour
-        size = image_size or min(first.size)
+                        f"({classes} vs {test_classes}).")
+    if len(classes) < 2:
+        raise UserError(f"{path!r} has {len(classes)} class folder(s) in train/; a classifier "
+                        f"needs at least two.")
+    empty = [c for k, c in enumerate(classes) if not (train_y == k).any()]
+    if empty or not test_files:
+        raise UserError(f"{path!r} has no images in " + (f"train/{empty[0]}/" if empty else
+                        "test/") + f" (image files end in {', '.join(IMG_EXTENSIONS)}).")
+    modes, shapes, bad = set(), {}, []
+    for file in train_files + test_files:
+        try:
+            with Image.open(file) as im:                          # reads the header only
+                modes.add(im.mode)
+                shapes[im.size] = shapes.get(im.size, 0) + 1      # (width, height)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            bad.append(file)
+    refuse_unreadable(bad)
+    mode = "L" if modes <= set(GRAY_MODES) else "RGB"
+    sides = {}
+    for shape, n in shapes.items():
+        sides[min(shape)] = sides.get(min(shape), 0) + n
+    size = image_size or max(sides, key=sides.get)                # the commonest shorter side
     splits = []
-    for ds in (train, test):
-        images = [read_image(file, mode, size) for file, _ in ds.samples]   # (C, S, S) each
-        splits.append(torch.stack(images))                        # (N, C, S, S)
-        splits.append(torch.tensor(ds.targets))
-    return splits, train.classes
+    for files, y in ((train_files, train_y), (test_files, test_y)):
+        x = torch.empty(len(files), 1 if mode == "L" else 3, size, size, dtype=torch.uint8)
+        for i, file in enumerate(files):
+            try:
+                x[i] = read_image(file, mode, size)               # (C, S, S)
+            except UserError:
+                bad.append(file)
+        splits += [x, y]
+    refuse_unreadable(bad)
+    resized = sum(n for shape, n in shapes.items() if shape != (size, size))
+    print(f"images: {'RGB' if mode == 'RGB' else 'gray'}, {size}x{size} px "
+          f"({'--image-size' if image_size else 'the commonest size'}); {resized:,} of "
+          f"{len(train_files) + len(test_files):,} resized or cropped")
+    return splits, classes
 
 
 def channel_stats(x):
-    # Mean and std of each channel over the whole training split, in chunks to spare memory.
-    # Normalising with them puts every input channel at zero mean and unit variance, the
-    # scale the initial weights (section 4) were chosen for.
-    total = torch.zeros(x.size(1), dtype=torch.float64)
-    total_sq = torch.zeros(x.size(1), dtype=torch.float64)
-    for chunk in x.split(4096):
-        c = chunk.double() / 255                                  # float64: exact sums
+    # Mean and std of each channel over the whole training split. Normalising with them puts
+    # every input channel at zero mean and unit variance, the scale the initial weights
+    # (section 4) were chosen for. Sums of integers are exact; chunks bound the memory.
+    total = torch.zeros(x.size(1), dtype=torch.int64)
+    total_sq = torch.zeros(x.size(1), dtype=torch.int64)
+    for chunk in x.split(256):
+        c = chunk.long()                                          # (b, C, H, W)
         total += c.sum(dim=(0, 2, 3))
         total_sq += (c * c).sum(dim=(0, 2, 3))
     n = x.size(0) * x.size(2) * x.size(3)
-    mean = total / n
-    std = (total_sq / n - mean ** 2).clamp_min(1e-12).sqrt()     # Var = E[x^2] - E[x]^2
+    mean = total.double() / n / 255
+    std = (total_sq.double() / n / 255 ** 2 - mean ** 2).clamp_min(1e-12).sqrt()  # E[x^2]-E[x]^2
     return mean.tolist(), std.tolist()
 
 
@@ -620,8 +723,9 @@ def augment(x, pad, flip):
 def use_fused_attn(cfg, device):
     # PyTorch's fused CPU kernel has a slow backward pass. On a 2-core CPU, python vit.py
     # --benchmark --preset cpu trained at 9,741 img/s with the hand-written path against
-    # 1,831 with --attn fused in bf16 (7,079 against 5,263 in fp32). On GPUs the fused kernel
-    # (FlashAttention) is the fast one, so "auto" uses it everywhere but on the CPU.
+    # 1,831 with --attn fused in bf16 (7,079 against 5,263 in fp32). On GPUs the fused kernels
+    # are the fast ones (FlashAttention from compute capability 8.0, a memory-efficient kernel
+    # on a T4 or V100), so "auto" uses them everywhere but on the CPU.
     return cfg.attn == "fused" or (cfg.attn == "auto" and device.type != "cpu")
 
 
@@ -630,27 +734,33 @@ def build_model(cfg, in_channels, num_classes, device):
                cfg.heads, cfg.mlp_dim, cfg.dropout, use_fused_attn(cfg, device), cfg.pool)
 
 
-def build_optimizer(model, cfg, steps_per_epoch):
+def build_optimizer(model, cfg, epoch_steps):
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n
              and "cls_token" not in n]                            # the weight matrices
     no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.epochs * epoch_steps
     warmup = max(1, round(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
-        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=warmup),
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total - warmup)),
-    ], milestones=[warmup])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, total))
     return opt, sched
+
+
+def lr_factor(step, warmup, total):
+    # The learning rate before step `step` (0, 1, ..., total), as a fraction of the peak: a
+    # pure function of the step, so a resumed run, even one given a new --epochs, gets
+    # exactly the new schedule's value by setting the step (restore, section 9).
+    if step < warmup:
+        return 1e-3 + (1 - 1e-3) * step / warmup                 # linear, from 0.1%
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))               # half a cosine, to 0
 
 
 def step_schedule(sched, steps=1):
     # PyTorch warns when the schedule steps while the optimizer did not (a step the fp16
-    # scaler skipped, or a resumed run fast-forwarding to a new length); here that is meant.
-    # (torch 2.3's SequentialLR also warns about its own internal call at the milestone.)
+    # scaler skipped, or the first step of a resumed run); here that is meant.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch.optim.lr_sched")
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         for _ in range(steps):
             sched.step()
 
@@ -662,17 +772,28 @@ def train_step(model, x, y, opt, sched, scaler, cfg, precision, device):
     opt.zero_grad(set_to_none=True)                               # None: no zeros written
     scaler.scale(loss).backward()                                 # (not fp16: loss as is)
     scaler.unscale_(opt)
-    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    if cfg.clip_grad > 0:                                         # 0: no clipping
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     scaler.step(opt)
     scaler.update()
     step_schedule(sched)
     return logits, loss
 
 
+def steps_per_epoch(n_train, cfg):
+    # torch.compile builds kernels for one batch shape, and a ragged last batch would compile
+    # them all again; so a compiled run drops it, as DataLoader(drop_last=True) would (on
+    # CIFAR-10: 336 of 50,000 images, other ones each epoch, since the order is reshuffled).
+    if cfg.compile and n_train >= cfg.batch_size:
+        return n_train // cfg.batch_size
+    return math.ceil(n_train / cfg.batch_size)
+
+
 def train_one_epoch(model, data, opt, sched, scaler, cfg, precision, device, epoch):
     model.train()                                                 # dropout on
     N, bs = data.train_x.size(0), cfg.batch_size
-    steps = math.ceil(N / bs)
+    steps = steps_per_epoch(N, cfg)
+    seen = min(N, steps * bs)
     pad = cfg.crop_pad if cfg.augment else 0
     perm = torch.randperm(N, device=device)                       # a new order every epoch
     loss_sum = torch.zeros((), device=device)
@@ -689,25 +810,31 @@ def train_one_epoch(model, data, opt, sched, scaler, cfg, precision, device, epo
         loss_sum += loss.detach() * y.size(0)
         correct += (logits.argmax(dim=1) == y).sum()
         if (step + 1) % show_every == 0 and step + 1 < steps:
+            if not math.isfinite(loss.item()):
+                return math.nan, math.nan                         # diverged: train_run stops
             rate = (step + 1) * bs / (time.time() - t0)
             msg = f"  epoch {epoch} [{step + 1}/{steps}] loss {loss.item():.3f} {rate:,.0f} img/s"
             print("\r" + msg if live else msg, end="" if live else "\n", flush=True)
     if live:
         print("\r" + " " * 60 + "\r", end="")
-    return loss_sum.item() / N, correct.item() / N
+    return loss_sum.item() / seen, correct.item() / seen
 
 
 @torch.no_grad()                  # no graph for backward: faster, and less memory
-def evaluate(model, data, cfg, precision, device, batch_size=1024):
+def evaluate(model, data, cfg, precision, device):
     # The mean loss (label-smoothed like training's, so the two curves compare), the
     # accuracy, and every prediction (for the confusion matrix). eval() turns dropout off.
+    # A compiled model sees one batch shape only: the last batch is padded with blank
+    # images, whose outputs are dropped.
     model.eval()
-    loss_sum, preds = torch.zeros((), device=device), []
-    for i in range(0, data.test_x.size(0), batch_size):
-        x = data.normalize(data.test_x[i:i + batch_size])        # never augmented
-        y = data.test_y[i:i + batch_size]
+    loss_sum, preds, bs = torch.zeros((), device=device), [], cfg.batch_size
+    for i in range(0, data.test_x.size(0), bs):
+        x = data.test_x[i:i + bs]                                 # never augmented
+        y = data.test_y[i:i + bs]
+        if cfg.compile and len(x) < bs:
+            x = torch.cat([x, x.new_zeros(bs - len(x), *x.shape[1:])])
         with autocast(precision, device):
-            logits = model(x)
+            logits = model(data.normalize(x))[:len(y)]            # (B, K)
         loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
                                     reduction="sum")
         preds.append(logits.argmax(dim=1))
@@ -722,17 +849,84 @@ def evaluate(model, data, cfg, precision, device, batch_size=1024):
 # the class names and the normalisation, all that --eval and --predict need.
 # checkpoint.pth is what resuming needs to give exactly the numbers of a run never stopped:
 # every state the next step reads. The weights; AdamW's two running averages per weight and
-# its step count; the scheduler's position; the fp16 scaler's scale; the random generators,
-# which decide the next epoch's order, crops and flips (the CPU's, and the GPU's or Mac's,
-# since those are drawn on the device); and the metrics and configuration so far.
+# its step count; the epoch, from which the schedule's step follows; the fp16 scaler's
+# scale; the random generators, which decide the next epoch's order, crops and flips (the
+# CPU's, and the one of the GPU or Mac in use, since those are drawn on the device); and
+# the metrics and configuration so far.
 # Both are written to a temporary file and renamed, so a crash mid-write never leaves a
 # half-written file. Both are loaded with weights_only=True: the unpickler then accepts only
 # tensors and plain containers, so a booby-trapped file cannot run code.
 # -----------------------------------------------------------------------------------------
-def atomic_save(obj, path):
+def write_atomically(path, write):
+    # write(tmp) writes the file under a temporary name; only a complete file is renamed to
+    # `path`. A failed write (a full disk, no permission, Ctrl-C) removes the temporary file
+    # and leaves the previous file at `path` as it was.
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)                                         # atomic on one file system
+    try:
+        write(tmp)
+        os.replace(tmp, path)                                     # atomic on one file system
+    except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else \
+            "the write stopped short, as on a full disk"
+        raise UserError(f"could not write {path!r} ({cause}); any earlier version of it is "
+                        f"kept.") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def claim_run_folder(out):
+    # A run folder holds one run. A new run claims its folder by creating metrics.json with
+    # O_EXCL, which fails if the file exists: of two runs aimed at one folder, exactly one
+    # gets it, and a folder that holds a run (even a finished one) is never written over.
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {out!r} ({e.strerror or e}).") from None
+    ckpt = os.path.join(out, "checkpoint.pth")
+    try:
+        if os.path.exists(ckpt) or os.path.exists(os.path.join(out, "model.pth")):
+            raise FileExistsError
+        fd = os.open(os.path.join(out, "metrics.json"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        hint = (f"continue it with --resume {ckpt}" if os.path.exists(ckpt) else
+                "it is running, or stopped before its first epoch ended (then delete it)")
+        raise UserError(f"{out!r} already holds a run; {hint}, or choose another --out.") \
+            from None
+    except OSError as e:
+        raise UserError(f"cannot write in the run folder {out!r} ({e.strerror or e}).") from None
+    with os.fdopen(fd, "w") as f:
+        f.write("[]\n")                                           # no epoch yet
+
+
+def release_run_folder(out):
+    # A run that ends before its first checkpoint leaves nothing worth keeping: give the
+    # folder back, so that the same command can be run again.
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(out, "metrics.json"))
+        os.rmdir(out)                                             # only if now empty
+
+
+def new_run_folder(cfg):
+    # runs/NAME-DATE-TIME; a second run started in the same second gets -2, and so on:
+    # os.mkdir either creates the folder or fails, so two runs cannot both get one name.
+    name = os.path.basename(os.path.normpath(cfg.dataset)).lower()    # cifar10, my-photos
+    base = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        os.makedirs("runs", exist_ok=True)
+        for n in range(1, 1000):
+            out = base if n == 1 else f"{base}-{n}"
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(out)
+                return out
+    except OSError as e:
+        raise UserError(f"cannot create a run folder under {os.path.abspath('runs')!r} "
+                        f"({e.strerror or e}); choose one with --out.") from None
+    raise UserError(f"{base}-* are all taken; choose a run folder with --out.")
 
 
 def load_file(path, what):
@@ -754,10 +948,11 @@ def load_file(path, what):
 
 def rng_state(device):
     # Every random draw (shuffle, crop, flip, dropout) continues from these states: saved,
-    # they make the resumed epochs draw exactly what the uninterrupted run would have.
+    # they make the resumed epochs draw exactly what the uninterrupted run would have. Only
+    # the device in use: a run saved on a 2-GPU machine must resume on a 1-GPU one.
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()            # one per GPU
+        state["cuda"] = torch.cuda.get_rng_state(device)
     if device.type == "mps":
         state["mps"] = torch.mps.get_rng_state()
     return state
@@ -765,8 +960,8 @@ def rng_state(device):
 
 def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state.get("cuda"):
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
     if device.type == "mps" and state.get("mps") is not None:
         torch.mps.set_rng_state(state["mps"])
 
@@ -776,7 +971,7 @@ def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
     # (The disabled scaler of a bf16 or fp32 run saves an empty dict.)
     weights = model.state_dict()
     atomic_save({"config": asdict(cfg), "model": weights,
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "optimizer": opt.state_dict(),
                  "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"],
                  "rng": rng_state(device), "metrics": metrics, "classes": data.classes,
                  "mean": data.mean, "std": data.std}, os.path.join(out, "checkpoint.pth"))
@@ -787,8 +982,15 @@ def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
     atomic_save({"config": model_cfg, "state_dict": weights, "classes": data.classes,
                  "mean": data.mean, "std": data.std, "dataset": cfg.dataset,
                  "data_root": cfg.data_root}, os.path.join(out, "model.pth"))
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    save_metrics(metrics, out)
+
+
+def save_metrics(metrics, out):
+    # allow_nan=False: NaN is not JSON; train_run stops a diverged run before it gets here.
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=1, allow_nan=False)
+    write_atomically(os.path.join(out, "metrics.json"), write)
 
 
 def load_weights(model, state_dict, path):
@@ -807,18 +1009,16 @@ def check_fits(saved_classes, data, path):
                         f"this data has {data.classes[:5]}...; it does not fit this data.")
 
 
-def restore(ckpt, path, cfg, data, model, opt, sched, scaler, steps_per_epoch, device):
+def restore(ckpt, path, cfg, data, model, opt, sched, scaler, steps, device):
     # Puts a fresh setup back where the checkpoint left off. The optimizer is built first
     # and then loaded (rather than pickled whole) so that its state lands on this device.
     check_fits(ckpt["classes"], data, path)
     load_weights(model, ckpt["model"], path)
     opt.load_state_dict(ckpt["optimizer"])
-    if ckpt["config"]["epochs"] == cfg.epochs:                    # resumed at the same length
-        sched.load_state_dict(ckpt["scheduler"])                  # where it stopped
-    else:
-        # A longer (or shorter) run: the schedule was built for the new length, so that the
-        # cosine ends at the new last epoch; step it past the steps already done.
-        step_schedule(sched, ckpt["epoch"] * steps_per_epoch)
+    # The schedule is a formula of the step (section 8): put it at the steps already done, for
+    # this run's length, which a new --epochs may have changed.
+    sched.last_epoch = ckpt["epoch"] * steps - 1
+    step_schedule(sched)
     if scaler.is_enabled() and ckpt.get("scaler"):                # an fp16 run's scale
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], device)
@@ -835,12 +1035,14 @@ def restore(ckpt, path, cfg, data, model, opt, sched, scaler, steps_per_epoch, d
 # -----------------------------------------------------------------------------------------
 def save_figure(fig, path, tight=True):
     import matplotlib.pyplot as plt
-    if tight:
-        fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    if in_notebook():
-        plt.show()
-    plt.close(fig)
+    try:
+        if tight:
+            fig.tight_layout()
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        if in_notebook():
+            plt.show()
+    finally:
+        plt.close(fig)
     print(f"saved {path}")
 
 
@@ -955,24 +1157,29 @@ def plot_pos_embed(model, path):
 
 
 def plot_confusion(data, preds, path):
+    # Up to 30 classes: every cell with its count, every class named. Beyond that (1,000
+    # classes would be a million labels) the matrix is drawn as a plain image.
     import matplotlib.pyplot as plt
     K = len(data.classes)
     y = data.test_y.cpu()
     conf = torch.zeros(K, K, dtype=torch.long)
     conf.index_put_((y, preds.cpu()), torch.ones_like(y), accumulate=True)   # (true, pred)
     per_class = conf.diag().float() / conf.sum(dim=1).clamp_min(1).float()
-    print("per-class accuracy: " + ", ".join(f"{c} {100 * a:.1f}%"
-                                              for c, a in zip(data.classes, per_class)))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * K, 0.8 + 0.55 * K))
+    order = per_class.argsort().tolist() if K > 30 else range(K)         # the worst first
+    print(f"per-class accuracy{' (the 10 lowest)' if K > 30 else ''}: " + ", ".join(
+        f"{data.classes[k]} {100 * per_class[k]:.1f}%" for k in list(order)[:10 if K > 30 else K]))
+    side = min(1.0 + 0.6 * K, 12)
+    fig, ax = plt.subplots(figsize=(side, side - 0.2))
     im = ax.imshow(conf.numpy(), cmap="Blues")
-    for i in range(K):
-        for j in range(K):
-            ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if conf[i, j] > conf.max() / 2 else "black")
-    ax.set_xticks(range(K))
-    ax.set_yticks(range(K))
-    ax.set_xticklabels(data.classes, rotation=45, ha="right")
-    ax.set_yticklabels(data.classes)
+    if K <= 30:
+        for i in range(K):
+            for j in range(K):
+                ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if conf[i, j] > conf.max() / 2 else "black")
+        ax.set_xticks(range(K))
+        ax.set_yticks(range(K))
+        ax.set_xticklabels(data.classes, rotation=45, ha="right")
+        ax.set_yticklabels(data.classes)
     ax.set(title="Confusion matrix (test split)", xlabel="predicted class", ylabel="true class")
     fig.colorbar(im, ax=ax, label="images")
     save_figure(fig, path)
@@ -1047,7 +1254,6 @@ def setup_training(cfg, device, resume, resume_path):
     # the metrics so far (none, or the checkpoint's). The order matters: the seed is set
     # before the model is built, so the same seed gives the same initial weights; the model
     # moves to the device before the optimizer is built, so that AdamW's state lives there.
-    validate(cfg)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg)
     cfg.image_size = data.train_x.size(-1)            # resolved now, and saved with the run
@@ -1055,49 +1261,95 @@ def setup_training(cfg, device, resume, resume_path):
         cfg.crop_pad = round(cfg.image_size / 8)     # 4 pixels on 32x32 CIFAR-10, the classic
     model = build_model(cfg, data.train_x.size(1), len(data.classes), device).to(device)
     data.to(device)
-    steps_per_epoch = math.ceil(data.train_x.size(0) / cfg.batch_size)
-    opt, sched = build_optimizer(model, cfg, steps_per_epoch)
+    steps = steps_per_epoch(data.train_x.size(0), cfg)
+    opt, sched = build_optimizer(model, cfg, steps)
     precision, why = choose_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     metrics = []
     if resume is not None:
-        metrics = restore(resume, resume_path, cfg, data, model, opt, sched, scaler,
-                          steps_per_epoch, device)
+        metrics = restore(resume, resume_path, cfg, data, model, opt, sched, scaler, steps,
+                          device)
     print(f"config: {asdict(cfg)}")
     print(f"data: {cfg.dataset}: {data.train_x.size(0):,} train and {data.test_x.size(0):,} test "
           f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes")
     print_model_summary(model, cfg, device, precision, why)
     if len(metrics) >= cfg.epochs:
-        raise UserError(f"the checkpoint has already finished {cfg.epochs} epochs; pass a larger "
-                        f"--epochs to train further.")
+        raise UserError(f"the checkpoint has already finished {len(metrics)} epochs; pass an "
+                        f"--epochs above {len(metrics)} to train further.")
     return data, model, opt, sched, scaler, precision, metrics
 
 
-def train_run(cfg, device, out, resume=None, resume_path=None):
-    data, model, opt, sched, scaler, precision, metrics = setup_training(cfg, device, resume,
-                                                                         resume_path)
-    print(f"run folder: {out}")
-    os.makedirs(out, exist_ok=True)
-    # torch.compile fuses the model's small operations into a few kernels; it costs a
-    # minute of compiling first. The checkpoint saves `model`, the same weights uncompiled.
-    step_model = torch.compile(model) if cfg.compile else model
-    start, t_run = len(metrics) + 1, time.time()
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.time()
-        train_loss, train_acc = train_one_epoch(step_model, data, opt, sched, scaler, cfg,
-                                                precision, device, epoch)
-        test_loss, test_acc, preds = evaluate(step_model, data, cfg, precision, device)
-        metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
-                            test_loss=test_loss, test_acc=test_acc,
-                            lr=opt.param_groups[0]["lr"], seconds=time.time() - t0))
-        done = (epoch - start + 1) / (cfg.epochs - start + 1)      # of this session's epochs
-        print_epoch(metrics[-1], cfg.epochs, data.train_x.size(0), done, time.time() - t_run)
-        save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device)   # each epoch
+def train_run(cfg, device, out, new_folder=True, resume=None, resume_path=None):
+    # new_folder: a new run, or a resumed one branching into another folder, claims `out`
+    # first, before any data is loaded (section 9), and gives it back if it ends before its
+    # first checkpoint.
+    validate(cfg)
+    if new_folder:
+        claim_run_folder(out)
+    done = resume["epoch"] if resume else 0
+    try:
+        data, model, opt, sched, scaler, precision, metrics = setup_training(cfg, device, resume,
+                                                                             resume_path)
+        print(f"run folder: {out}")
+        # torch.compile fuses the model's small operations into a few kernels; it costs a
+        # minute of compiling first. The checkpoint saves `model`, the same weights uncompiled.
+        step_model = compile_model(model) if cfg.compile else model
+        start, t_run = len(metrics) + 1, time.time()
+        for epoch in range(start, cfg.epochs + 1):
+            t0 = time.time()
+            train_loss, train_acc = train_one_epoch(step_model, data, opt, sched, scaler, cfg,
+                                                    precision, device, epoch)
+            test_loss, test_acc, preds = evaluate(step_model, data, cfg, precision, device)
+            check_finite(model, train_loss, test_loss, epoch, cfg, out)
+            metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
+                                test_loss=test_loss, test_acc=test_acc,
+                                lr=opt.param_groups[0]["lr"], seconds=time.time() - t0))
+            share = (epoch - start + 1) / (cfg.epochs - start + 1)  # of this session's epochs
+            print_epoch(metrics[-1], cfg.epochs, data.train_x.size(0), share, time.time() - t_run)
+            save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device)
+            done = epoch
+    except KeyboardInterrupt:                   # Ctrl-C, or a notebook's stop button
+        raise Interrupted(f"interrupted after epoch {done}; resume with `python vit.py --resume "
+                          f"{os.path.join(out, 'checkpoint.pth')}`" if done else
+                          "interrupted before the first epoch ended; nothing was saved") from None
+    except Exception as e:
+        if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise UserError(f"--compile failed ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200]}); run without --compile.") \
+                from None
+        raise
+    finally:
+        if new_folder and not os.path.exists(os.path.join(out, "checkpoint.pth")):
+            release_run_folder(out)
     plot_curves(metrics, os.path.join(out, "curves.png"))
     make_figures(model, data, preds, out)
     print(f"saved {os.path.join(out, 'model.pth')}, checkpoint.pth, metrics.json")
     print(f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%")
     return metrics
+
+
+def check_finite(model, train_loss, test_loss, epoch, cfg, out):
+    # A loss of nan or inf means the weights are lost (too large a learning rate, usually):
+    # stop before they overwrite the last good checkpoint. (Steps the fp16 scaler skips have
+    # a finite loss: only their gradients overflowed.)
+    weights_ok = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
+    if math.isfinite(train_loss) and math.isfinite(test_loss) and weights_ok:
+        return
+    kept = (f"the checkpoint of epoch {epoch - 1} in {out} is kept" if epoch > 1 else
+            "no checkpoint was written")
+    raise UserError(f"training diverged in epoch {epoch} (the loss became "
+                    f"{train_loss if not math.isfinite(train_loss) else test_loss}); {kept}; "
+                    f"try a lower --lr than {cfg.lr}.")
+
+
+def compile_model(model):
+    # dynamic=False: kernels for the one batch shape of training and of evaluation (section
+    # 8 keeps the shapes fixed), compiled once each.
+    try:
+        return torch.compile(model, dynamic=False)
+    except RuntimeError as e:         # e.g. torch < 2.4 on Python 3.12: no Dynamo
+        raise UserError(f"torch.compile is not available here ({str(e).splitlines()[0]}); run "
+                        f"without --compile.") from None
 
 
 # -----------------------------------------------------------------------------------------
@@ -1111,6 +1363,16 @@ def train_run(cfg, device, out, resume=None, resume_path=None):
 #   --predict MODEL IMAGE...:  the top 3 classes of each image; with --out, each image with
 #                              its attention rollout (section 11) and the predicted label.
 # -----------------------------------------------------------------------------------------
+def writable_folder(path):
+    # Made and tried before any data is read: a typo in --out costs a second, not a run.
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"cannot write in the folder {path!r} ({e.strerror or e}).") from None
+    return path
+
+
 def load_model(path, device):
     # Rebuild the architecture from the saved configuration, then fill in the weights.
     saved = load_file(path, "model file")
@@ -1122,6 +1384,9 @@ def load_model(path, device):
         saved["mean"], saved["std"]
     except (KeyError, TypeError):
         raise UserError(f"model file {path!r} was not written by this vit.py.") from None
+    if not all(torch.isfinite(w).all() for w in saved["state_dict"].values()):
+        raise UserError(f"{path!r} holds weights that are nan or inf: its training diverged, "
+                        f"and it cannot classify anything.")
     model = build_model(cfg, in_channels, len(saved["classes"]), device)
     load_weights(model, saved["state_dict"], path)
     return model.to(device).eval(), cfg, saved
@@ -1131,6 +1396,7 @@ def eval_run(args, device):
     model, cfg, saved = load_model(args.eval, device)
     cfg = replace(cfg, dataset=args.dataset or saved["dataset"],
                   data_root=args.data_root or saved["data_root"])
+    out = writable_folder(args.out or os.path.dirname(os.path.abspath(args.eval)))
     data = load_data(cfg)
     check_fits(saved["classes"], data, args.eval)
     if data.train_x.size(1) != saved["config"]["in_channels"]:
@@ -1141,8 +1407,6 @@ def eval_run(args, device):
     precision, why = choose_precision(args.precision or "auto", device)
     print_model_summary(model, cfg, device, precision, why)
     loss, acc, preds = evaluate(model, data, cfg, precision, device)
-    out = args.out or os.path.dirname(os.path.abspath(args.eval))
-    os.makedirs(out, exist_ok=True)
     make_figures(model, data, preds, out)
     print(f"evaluated {args.eval} on {cfg.dataset} ({data.test_x.size(0):,} test images), "
           f"loss {loss:.4f}")
@@ -1158,6 +1422,8 @@ def predict_run(args, device):
     if len(args.predict) < 2:
         raise UserError("--predict takes a model.pth and then one or more image files.")
     model, cfg, saved = load_model(args.predict[0], device)
+    if args.out:
+        writable_folder(args.out)
     mode = "L" if saved["config"]["in_channels"] == 1 else "RGB"
     images = torch.stack([read_image(p, mode, cfg.image_size) for p in args.predict[1:]])
     unknown = torch.zeros(len(images), dtype=torch.long)         # no labels: none needed
@@ -1172,7 +1438,6 @@ def predict_run(args, device):
                                                               top_p[i].tolist())])
         print(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in tops[-1]))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         titles = [f"predicted: {c[:12]}\n{100 * p:.1f}%" for (c, p), *_ in tops]
         plot_attention(model, data.test_x, x, titles, os.path.join(args.out, "predicted.png"))
     return [top[0][0] for top in tops]
@@ -1256,6 +1521,7 @@ HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ sub
         "pool": "classify the CLS token or the mean patch token",
         "augment": "random crop and flip",
         "crop_pad": "random-crop padding in pixels (default: image side / 8; 0: no crop)",
+        "clip_grad": "largest global gradient norm (0: no clipping)",
         "precision": "auto picks per device (section 6 of vit.py)",
         "attn": "F.scaled_dot_product_attention, or the hand-written path"}
 
@@ -1297,20 +1563,25 @@ def command_line(argv):
 
 
 def resolve_config(args):
-    # Config's defaults, then the preset's, then every option given explicitly.
+    # Config's defaults, then the preset's, then every option given explicitly. Paths are
+    # saved resolved, so that the run can be resumed from another working folder.
     given = {f.name: getattr(args, f.name) for f in fields(Config)
              if getattr(args, f.name) is not None}
-    return Config(**{**PRESETS[args.preset], **given})
+    cfg = Config(**{**PRESETS[args.preset], **given})
+    return replace(cfg, **resolved_paths(cfg.dataset, cfg.data_root))
 
 
-def new_run_folder(cfg):
-    name = os.path.basename(os.path.normpath(cfg.dataset)).lower()    # cifar10, my-photos
-    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+def resolved_paths(dataset, data_root):
+    folder = dataset.lower() not in KNOWN_SIZES and os.path.isdir(dataset)
+    return dict(dataset=os.path.abspath(dataset) if folder else dataset,
+                data_root=os.path.abspath(data_root))
 
 
 def resume_run(args, device):
-    # A resumed run is the checkpoint's run: same model, data and recipe. Only --epochs may
-    # change, to extend it (the schedule is then rebuilt for the new length).
+    # A resumed run is the checkpoint's run: same model and recipe. --epochs may change, to
+    # extend it (the schedule is then the one of the new length); --dataset and --data-root
+    # may say where its data is now, if it has moved (the classes must still match); --out
+    # branches it into a new folder, leaving the original as it is.
     ckpt = load_file(args.resume, "checkpoint")
     if "optimizer" not in ckpt:
         raise UserError(f"{args.resume!r} is a model file; --resume takes a checkpoint.pth.")
@@ -1319,15 +1590,17 @@ def resume_run(args, device):
     except TypeError:
         raise UserError(f"{args.resume!r} holds a configuration this vit.py does not "
                         f"know.") from None
+    allowed = ("epochs", "dataset", "data_root")
     ignored = [f.name for f in fields(Config)
-               if getattr(args, f.name) is not None and f.name != "epochs"]
+               if getattr(args, f.name) is not None and f.name not in allowed]
     if ignored:
         print(f"note: resuming with the checkpoint's own configuration; ignoring "
               f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
-    if args.epochs is not None:
-        cfg.epochs = args.epochs
-    return train_run(cfg, device, os.path.dirname(os.path.abspath(args.resume)), ckpt,
-                     args.resume)
+    cfg = replace(cfg, **{k: getattr(args, k) for k in allowed if getattr(args, k) is not None})
+    cfg = replace(cfg, **resolved_paths(cfg.dataset, cfg.data_root))
+    here = os.path.dirname(os.path.abspath(args.resume))
+    out = os.path.abspath(args.out) if args.out else here
+    return train_run(cfg, device, out, out != here, ckpt, args.resume)
 
 
 def main(argv=None):
@@ -1353,11 +1626,15 @@ def main(argv=None):
         if args.resume:
             return resume_run(args, device)[-1]["test_acc"]
         cfg = resolve_config(args)
+        validate(cfg)                             # before a run folder is made for it
         return train_run(cfg, device, args.out or new_run_folder(cfg))[-1]["test_acc"]
+    except KeyboardInterrupt:                     # outside training: nothing to save
+        error = Interrupted("interrupted")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if not in_notebook():
-            sys.exit(1)
+        error = e
+    print(error if isinstance(error, Interrupted) else f"error: {error}", file=sys.stderr)
+    if not in_notebook():
+        sys.exit(error.status)
 
 
 if __name__ == "__main__":
