@@ -469,7 +469,7 @@ def read_metrics(run):
 def test_cli_run_writes_all_outputs(trained_run, capsys):
     folder, out, metrics = trained_run
     for name in ("model.pth", "checkpoint.pth", "metrics.json", "curves.png", "attention.png",
-                 "pos_embed.png", "confusion.png", "mistakes.png"):
+                 "pos_embed.png", "confusion.png", "mistakes.png", "patches.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     records = json.load(open(os.path.join(out, "metrics.json")))
     assert [r["epoch"] for r in records] == [1, 2]
@@ -746,7 +746,6 @@ def test_cuda_uses_tf32_where_it_pays_and_never_cudnn_attention(name, capability
     # TF32 only from compute capability 8.0, through the API the installed torch prefers,
     # with no warning; cuDNN's attention kernel off on every GPU.
     fake_gpu(monkeypatch, name, capability)
-    monkeypatch.setattr(vit, "check_supported", lambda name, device: None)
     cudnn_sdp = []
     monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", cudnn_sdp.append)
     new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
@@ -1345,8 +1344,8 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_last_checkpoint(colors, tmp_p
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
     err = fails_with(["--dataset", colors, "--out", str(tmp_path / "run2")] + SMALL, capsys,
-                     "curves.png", "No space left on device")
-    assert not [f for f in os.listdir(tmp_path / "run2") if f.endswith(".tmp")]
+                     "patches.png", "No space left on device")     # the first figure
+    assert not (tmp_path / "run2").exists()           # before the first checkpoint: given back
 
 
 def test_ctrl_c_says_how_to_resume_and_the_resumed_run_is_exact(colors, tmp_path):
@@ -1416,3 +1415,44 @@ def test_messages_say_what_is_true(trained_run, tmp_path, capsys):
     fails_with(["--resume", os.path.join(out, "checkpoint.pth"), "--epochs", "1"], capsys,
                "already finished 2 epochs")
     fails_with(["--predict", os.path.join(out, "model.pth"), folder], capsys, "is a folder")
+
+
+# ------------------------------------------------------------------------------------------
+# The lesson: the map matches the file, and the central idea is shown
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", [vit, tf])
+def test_the_docstring_section_list_matches_the_banners(script):
+    import re
+    text = open(script.__file__).read()
+    banners = re.findall(r"^# (\d+)\. ([^:\n]+)", text, flags=re.M)
+    banners = [(int(n), title.strip()) for n, title in banners]
+    listed = text[text.index("Sections"):text.index("Shape legend")]
+    listed = sorted((int(n), t.strip()) for n, t in
+                    re.findall(r"(\d+)\. (.+?)(?=\s{2,}\d+\.|\n)", listed))
+    assert [n for n, _ in banners] == list(range(1, len(banners) + 1))
+    assert listed == banners
+    for n in re.findall(r"[Ss]ections? (\d+)", text):       # every reference names a section
+        assert 1 <= int(n) <= len(banners), n
+
+
+def test_patches_figure_reassembles_the_image_exactly(tmp_path):
+    torch.manual_seed(0)
+    for C, size, P in ((3, 32, 4), (1, 28, 7)):
+        image = torch.randint(0, 256, (C, size, size), dtype=torch.uint8)
+        tiles = vit.plot_patches(image, P, str(tmp_path / f"p{C}.png"))   # (N, C, P, P)
+        side = size // P
+        assert tiles.dtype == torch.uint8 and tiles.shape == (side * side, C, P, P)
+        rebuilt = tiles.view(side, side, C, P, P).permute(2, 0, 3, 1, 4).reshape(C, size, size)
+        assert torch.equal(rebuilt, image)                   # token n is the n-th patch, row-major
+        assert os.path.getsize(tmp_path / f"p{C}.png") > 0
+
+
+def test_the_shapes_of_one_batch_are_printed_and_match_forward(capsys):
+    import re
+    model = tiny_vit().eval()
+    vit.show_shapes(model, torch.randn(3, 3, 16, 16))
+    lines = capsys.readouterr().out.splitlines()
+    shapes = [re.search(r"\(([\d, ]+)\)", line).group(1) for line in lines[:-1]]
+    assert shapes == ["3, 3, 16, 16", "3, 16, 48", "3, 16, 32", "3, 17, 32", "3, 17, 32",
+                      "3, 17, 32", "3, 17, 32", "3, 32", "3, 5"]
+    assert lines[-1].strip() == "equals model(images): True"

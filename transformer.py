@@ -17,16 +17,18 @@ Run it:
 Papers:
   Vaswani et al. 2017, "Attention Is All You Need", https://arxiv.org/abs/1706.03762
 
-Sections:
-  1. Positional encoding        6. Encoder and decoder layers   11. Shape walk-through
-  2. Masks                      7. The full Transformer         12. Figures
-  3. Scaled dot-product attn    8. Greedy decoding              13. main()
-  4. Multi-head attention       9. The toy task: reversal
-  5. Feed-forward network      10. Training and evaluation
+Sections (each a banner "# N. Title" below; test_vit.py checks that the two lists agree):
+  1. Positional encoding                   8. Greedy decoding
+  2. Masks                                 9. The toy task
+  3. Scaled dot-product attention         10. Training and evaluation
+  4. Multi-head attention                 11. Shape walk-through
+  5. Position-wise feed-forward network   12. Figures
+  6. Encoder and decoder layers           13. main()
+  7. The full Transformer
 
 Shape legend:
   B batch, S source length, T target length, D = d_model (model width),
-  H = n_heads, Dh = D / H (width of one head), V vocabulary size.
+  h = n_heads, d_h = D / h (width of one head), V vocabulary size.
 """
 import argparse
 import math
@@ -78,7 +80,7 @@ class PositionalEncoding(nn.Module):
 # -----------------------------------------------------------------------------------------
 # 2. Masks
 # All masks here are boolean and True means "this query may attend to this key", and they
-# broadcast against the attention scores of shape (B, H, T_q, T_k).
+# broadcast against the attention scores of shape (B, h, T_q, T_k).
 #   padding mask: sequences in a batch have different lengths, so short ones are filled with
 #                 a PAD token. No query may attend to a PAD key: (B, 1, 1, T_k).
 #   causal mask:  in the decoder, position i may only look at positions j <= i, so that the
@@ -111,26 +113,26 @@ def padding_mask(tokens, pad_idx):
 # weights, so it attends to nothing and its output is 0 (before W_o and its bias).
 # -----------------------------------------------------------------------------------------
 def scaled_dot_product_attention(q, k, v, mask=None, dropout=None):
-    # q: (B, H, T_q, Dh), k and v: (B, H, T_k, Dh), mask: broadcastable to (B, H, T_q, T_k)
+    # q: (B, h, T_q, d_h), k and v: (B, h, T_k, d_h), mask: broadcastable to (B, h, T_q, T_k)
     d_k = q.size(-1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)                    # (B, H, T_q, T_k)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)                    # (B, h, T_q, T_k)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=-1)                                     # (B, H, T_q, T_k)
+    weights = scores.softmax(dim=-1)                                     # (B, h, T_q, T_k)
     if mask is not None:
         weights = weights.masked_fill(~mask, 0.0)
     if dropout is not None:
         weights = dropout(weights)
-    return weights @ v, weights                                          # (B, H, T_q, Dh)
+    return weights @ v, weights                                          # (B, h, T_q, d_h)
 
 
 # -----------------------------------------------------------------------------------------
 # 4. Multi-head attention
-#   MultiHead(Q, K, V) = Concat(head_1, ..., head_H) W_o,  head_h = Attention(Q W_q^h, ...)
-# One head can only form one weighted average per query: one "kind" of relation. H heads of
-# width Dh = D / H each look for something different (the previous token, the matching word,
-# ...) at the same total cost as one head of width D. In code, W_q holds the H per-head
-# projections side by side as one (D, D) matrix; we split its output into H heads with a
+#   MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W_o,  head_i = Attention(Q W_q^i, ...)
+# One head can only form one weighted average per query: one "kind" of relation. h heads of
+# width d_h = D / h each look for something different (the previous token, the matching word,
+# ...) at the same total cost as one head of width D. In code, W_q holds the h per-head
+# projections side by side as one (D, D) matrix; we split its output into h heads with a
 # reshape, attend in every head at once, then concatenate the heads back and mix them with W_o.
 # -----------------------------------------------------------------------------------------
 class MultiHeadAttention(nn.Module):
@@ -148,18 +150,18 @@ class MultiHeadAttention(nn.Module):
 
     def split_heads(self, x):
         B, T, D = x.shape
-        x = x.view(B, T, self.n_heads, self.d_head)                      # (B, T, H, Dh)
-        return x.transpose(1, 2)                                         # (B, H, T, Dh)
+        x = x.view(B, T, self.n_heads, self.d_head)                      # (B, T, h, d_h)
+        return x.transpose(1, 2)                                         # (B, h, T, d_h)
 
     def forward(self, query, key, value, mask=None):
         # query: (B, T_q, D); key, value: (B, T_k, D). Self-attention passes x three times.
         B, T_q, D = query.shape
-        q = self.split_heads(self.W_q(query))                            # (B, H, T_q, Dh)
-        k = self.split_heads(self.W_k(key))                              # (B, H, T_k, Dh)
-        v = self.split_heads(self.W_v(value))                            # (B, H, T_k, Dh)
+        q = self.split_heads(self.W_q(query))                            # (B, h, T_q, d_h)
+        k = self.split_heads(self.W_k(key))                              # (B, h, T_k, d_h)
+        v = self.split_heads(self.W_v(value))                            # (B, h, T_k, d_h)
         out, weights = scaled_dot_product_attention(q, k, v, mask, self.dropout)
-        self.attn_weights = weights.detach()                             # (B, H, T_q, T_k)
-        out = out.transpose(1, 2)                                        # (B, T_q, H, Dh)
+        self.attn_weights = weights.detach()                             # (B, h, T_q, T_k)
+        out = out.transpose(1, 2)                                        # (B, T_q, h, d_h)
         out = out.reshape(B, T_q, D)                                     # (B, T_q, D) concat
         return self.W_o(out)                                             # (B, T_q, D)
 
@@ -236,10 +238,11 @@ class DecoderLayer(nn.Module):
 # 7. The full Transformer
 # source tokens -> embedding * sqrt(D) + PE -> N encoder layers -> memory
 # target tokens -> embedding * sqrt(D) + PE -> N decoder layers (with memory) -> linear -> logits
-# Why scale the embeddings by sqrt(D): nn.Embedding starts with entries of variance 1 here,
-# the paper's tied embeddings are smaller; the scale keeps token identity large next to the PE,
-# whose entries are in [-1, 1]. Deviation from the paper: we do not tie the embedding and
-# output weights (the toy task has separate small vocabularies; tying is a one-line change).
+# Why scale the embeddings by sqrt(D): the Xavier initialisation below gives embedding entries
+# a variance of 2 / (V + D), about 0.03 here; times sqrt(D) they are of order 1, as large as
+# the PE's entries (in [-1, 1]), so token identity is not drowned by position. Deviation
+# from the paper: we do not tie the embedding and output weights (the toy task has separate
+# small vocabularies; tying is a one-line change).
 # The model builds its own masks from pad_idx, so callers pass token ids only.
 # -----------------------------------------------------------------------------------------
 class Transformer(nn.Module):
@@ -470,17 +473,17 @@ def walk_through_shapes(d_model=768, n_tokens=5):
                   f"(bias {tuple(layer.bias.shape)})")
         Q, K, V = mha.W_q(x), mha.W_k(x), mha.W_v(x)                     # (B, T, D) each
         print(f"Q = x W_q^T + b, K, V         {tuple(Q.shape)} each")
-        q = Q.view(1, n_tokens, n_heads, d_model // n_heads)             # (B, T, H, Dh)
-        print(f"per-head q (B, T, H, Dh)      {tuple(q.shape)}")
-        q = q.transpose(1, 2)                                            # (B, H, T, Dh)
-        k = mha.split_heads(K)                                           # (B, H, T, Dh)
-        v = mha.split_heads(V)                                           # (B, H, T, Dh)
-        print(f"heads first (B, H, T, Dh)     {tuple(q.shape)}")
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))         # (B, H, T, T)
-        print(f"scores q k^T / sqrt(Dh)       {tuple(scores.shape)}")
-        weights = scores.softmax(dim=-1)                                 # (B, H, T, T)
+        q = Q.view(1, n_tokens, n_heads, d_model // n_heads)             # (B, T, h, d_h)
+        print(f"per-head q (B, T, h, d_h)     {tuple(q.shape)}")
+        q = q.transpose(1, 2)                                            # (B, h, T, d_h)
+        k = mha.split_heads(K)                                           # (B, h, T, d_h)
+        v = mha.split_heads(V)                                           # (B, h, T, d_h)
+        print(f"heads first (B, h, T, d_h)    {tuple(q.shape)}")
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))         # (B, h, T, T)
+        print(f"scores q k^T / sqrt(d_h)      {tuple(scores.shape)}")
+        weights = scores.softmax(dim=-1)                                 # (B, h, T, T)
         print(f"attention weights (softmax)   {tuple(weights.shape)}")
-        heads = weights @ v                                              # (B, H, T, Dh)
+        heads = weights @ v                                              # (B, h, T, d_h)
         print(f"per-head outputs              {tuple(heads.shape)}")
         merged = heads.transpose(1, 2).reshape(1, n_tokens, d_model)     # (B, T, D)
         print(f"merged (concat heads)         {tuple(merged.shape)}")
@@ -528,7 +531,7 @@ def show_masked_attention(T=5):
 
 
 # -----------------------------------------------------------------------------------------
-# 12. Figures (PNG files; also shown inline when running in a notebook)
+# 12. Figures: PNG files, also shown inline in a notebook
 # -----------------------------------------------------------------------------------------
 def in_notebook():
     return "ipykernel" in sys.modules
@@ -708,14 +711,14 @@ def run(args):
     device = pick_device(args.device)
     if not args.no_figures:
         writable_folder(args.out)
-    torch.manual_seed(cfg.seed)
     t_start = time.time()
 
-    walk_through_shapes()
+    walk_through_shapes()                       # these seed themselves: the same every run
     show_pytorch_weight_layout()
     show_masked_attention()
 
     train_strings, test_strings, longer_strings = make_datasets(cfg)
+    torch.manual_seed(cfg.seed)                 # --seed decides the initial weights
     model = Transformer(VOCAB_SIZE, VOCAB_SIZE, cfg.d_model, cfg.n_heads, cfg.n_layers,
                         cfg.d_ff, cfg.dropout, pad_idx=PAD).to(device)
     n_params = sum(p.numel() for p in model.parameters())

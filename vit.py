@@ -24,16 +24,20 @@ Papers:
   Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words", https://arxiv.org/abs/2010.11929
   Vaswani et al. 2017, "Attention Is All You Need", https://arxiv.org/abs/1706.03762
 
-Sections:
-  1. Patches                 6. Device and precision      11. Figures
-  2. Attention               7. Data on the device        12. Benchmark against torchvision
-  3. MLP and block           8. Training                  13. Command line and main()
-  4. The ViT (CLS, position) 9. Checkpoints
-  5. Configuration, presets 10. Using a trained model: evaluate, predict
+Sections (each a banner "# N. Title" below; test_vit.py checks that the two lists agree):
+  1. Patches                        9. Checkpoints and run folders
+  2. Multi-head self-attention     10. Data files
+  3. MLP and the encoder block     11. Figures
+  4. The ViT                       12. The training run
+  5. Configuration and presets     13. Using a trained model
+  6. Device and precision          14. Benchmark
+  7. Data                          15. Command line and main()
+  8. Training
 
 Shape legend:
   B batch, C channels, H, W image height and width, P patch size, N = (H/P)(W/P) patches,
-  D = dim (model width), Hd = heads, Dh = D / Hd (width of one head), K classes.
+  T = N + 1 tokens (the patches and the CLS token), D = dim (model width), h heads,
+  d_h = D / h (width of one head), K classes. (q, k, v are queries, keys and values.)
 """
 import argparse
 import contextlib
@@ -102,14 +106,14 @@ class PatchEmbed(nn.Module):
 
 # -----------------------------------------------------------------------------------------
 # 2. Multi-head self-attention
-#   Attention(Q, K, V) = softmax(Q K^T / sqrt(Dh)) V, in Hd heads of width Dh = D / Hd
+#   attention(q, k, v) = softmax(q k^T / sqrt(d_h)) v, in h heads of width d_h = D / h
 # One Linear(D, 3D) computes Q, K and V together; its rows are laid out [Q; K; V] like
 # nn.MultiheadAttention.in_proj_weight, so weights map one to one. Every patch attends to
 # every patch (no mask: all images have the same number of patches).
 # Two paths give the same numbers:
 #   fused=False: the hand-written reference below, which also keeps the attention weights
 #                for the attention maps;
-#   fused=True:  F.scaled_dot_product_attention, which never stores the (N, N) matrix and
+#   fused=True:  F.scaled_dot_product_attention, which never stores the (T, T) matrix and
 #                runs one fused kernel; on GPUs it is the faster path (section 8 says which
 #                path runs where, and why).
 # -----------------------------------------------------------------------------------------
@@ -119,31 +123,32 @@ class Attention(nn.Module):
         self.heads = heads
         self.d_head = dim // heads
         self.fused = fused
-        self.dropout = dropout
+        self.dropout_p = dropout      # a probability: F.scaled_dot_product_attention takes one
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.attn_weights = None      # the last weights of the hand-written path, for plots
 
     def forward(self, x):
-        B, N, D = x.shape
-        qkv = self.qkv(x)                                         # (B, N, 3D)
-        qkv = qkv.view(B, N, 3, self.heads, self.d_head)          # (B, N, 3, Hd, Dh)
-        qkv = qkv.permute(2, 0, 3, 1, 4)                          # (3, B, Hd, N, Dh)
-        q, k, v = qkv.unbind(0)                                   # (B, Hd, N, Dh) each
-        p = self.dropout if self.training else 0.0
+        B, T, D = x.shape
+        qkv = self.qkv(x)                                         # (B, T, 3D)
+        qkv = qkv.view(B, T, 3, self.heads, self.d_head)          # (B, T, 3, h, d_h)
+        qkv = qkv.permute(2, 0, 3, 1, 4)                          # (3, B, h, T, d_h)
+        q, k, v = qkv.unbind(0)                                   # (B, h, T, d_h) each
+        p = self.dropout_p if self.training else 0.0
         if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)   # (B, Hd, N, Dh)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)   # (B, h, T, d_h)
         else:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)    # (B, Hd, N, N)
-            # The softmax runs in float32 at least: under bf16 autocast the scores are
-            # bf16, and a float32 softmax is both more exact and, on the CPU, faster.
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)    # (B, h, T, T)
+            # The softmax runs in float32 at least (promote_types: the wider of the two):
+            # in mixed precision (section 6) the scores come in 16 bits, and a float32
+            # softmax is both more exact and, on the CPU, faster.
             exact = torch.promote_types(scores.dtype, torch.float32)
             weights = scores.softmax(dim=-1, dtype=exact).type_as(v)     # rows sum to 1
             self.attn_weights = weights.detach()
-            out = F.dropout(weights, p) @ v                               # (B, Hd, N, Dh)
-        out = out.transpose(1, 2)                                 # (B, N, Hd, Dh)
-        out = out.reshape(B, N, D)                                # (B, N, D) heads concat
-        return F.dropout(self.proj(out), p)                       # (B, N, D)
+            out = F.dropout(weights, p) @ v                               # (B, h, T, d_h)
+        out = out.transpose(1, 2)                                 # (B, T, h, d_h)
+        out = out.reshape(B, T, D)                                # (B, T, D) heads concat
+        return F.dropout(self.proj(out), p)                       # (B, T, D)
 
 
 # -----------------------------------------------------------------------------------------
@@ -165,8 +170,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        x = self.dropout(F.gelu(self.fc1(x)))                     # (B, N, mlp_dim)
-        return self.dropout(self.fc2(x))                          # (B, N, D)
+        x = self.dropout(F.gelu(self.fc1(x)))                     # (B, T, mlp_dim)
+        return self.dropout(self.fc2(x))                          # (B, T, D)
 
 
 class Block(nn.Module):
@@ -178,19 +183,19 @@ class Block(nn.Module):
         self.mlp = MLP(dim, mlp_dim, dropout)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))                          # (B, N+1, D)
-        x = x + self.mlp(self.norm2(x))                           # (B, N+1, D)
+        x = x + self.attn(self.norm1(x))                          # (B, T, D)
+        x = x + self.mlp(self.norm2(x))                           # (B, T, D)
         return x
 
 
 # -----------------------------------------------------------------------------------------
 # 4. The ViT: CLS token, position embedding, encoder, head
-#   images (B, C, H, W) -> patches (B, N, D) -> [CLS; patches] + pos (B, N+1, D)
+#   images (B, C, H, W) -> patches (B, N, D) -> [CLS; patches] + pos (B, T, D)
 #   -> depth x Block -> LayerNorm -> CLS output (B, D) -> Linear head -> logits (B, K)
 # CLS token: one learned vector prepended to the patch tokens. It has no patch of its own,
 # so what it holds after the last block is whatever it gathered from the patches through
 # attention: a summary of the image, which the head classifies. (Averaging the patch tokens,
-# pool="mean", is the common alternative and is often better on small data.)
+# pool="mean", is the common alternative; in the README's runs it changed little.)
 # Position embedding: attention is blind to order, so each of the N + 1 positions gets a
 # learned vector added to its token. Unlike the Transformer's fixed sinusoids, ViT learns
 # them; after training, neighbouring patches end up with similar embeddings (pos_embed.png).
@@ -244,18 +249,43 @@ class ViT(nn.Module):
         B = images.size(0)
         x = self.patch_embed(images)                              # (B, N, D)
         cls = self.cls_token.expand(B, -1, -1)                    # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)                            # (B, N+1, D)
-        x = self.pos_drop(x + self.pos_embed)                     # (B, N+1, D)
+        x = torch.cat([cls, x], dim=1)                            # (B, T, D)
+        x = self.pos_drop(x + self.pos_embed)                     # (B, T, D)
         for block in self.blocks:
-            x = block(x)                                          # (B, N+1, D)
-        x = self.norm(x)                                          # (B, N+1, D)
+            x = block(x)                                          # (B, T, D)
+        x = self.norm(x)                                          # (B, T, D)
         x = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)   # (B, D)
         return self.head(x)                                       # (B, K)
 
 
+@torch.no_grad()
+def show_shapes(model, images):
+    # forward() again, one step a line, printing the shape of a real batch at each step
+    # (printed once at the start of training), and checking it gives forward()'s logits.
+    def show(what, t, legend):
+        print(f"  {what:<30} {str(tuple(t.shape)):<18} {legend}")
+    show("images", images, "(B, C, H, W)")
+    show("patches (section 1)", patchify(images, model.patch_embed.patch_size), "(B, N, C*P*P)")
+    x = model.patch_embed(images)
+    show("patch tokens", x, "(B, N, D)")
+    x = torch.cat([model.cls_token.expand(x.size(0), -1, -1), x], dim=1)
+    show("CLS token + patch tokens", x, "(B, T, D), T = N + 1")
+    x = x + model.pos_embed
+    show("+ position embedding", x, "(B, T, D)")
+    for i, block in enumerate(model.blocks):
+        x = block(x)
+        show(f"block {i + 1} (attention, MLP)", x, "(B, T, D)")
+    x = model.norm(x)
+    x = x[:, 0] if model.pool == "cls" else x[:, 1:].mean(dim=1)
+    show("CLS token out" if model.pool == "cls" else "mean patch token out", x, "(B, D)")
+    logits = model.head(x)
+    show("logits", logits, "(B, K)")
+    print(f"  equals model(images): {torch.allclose(logits, model(images), atol=1e-5)}")
+
+
 # -----------------------------------------------------------------------------------------
 # 5. Configuration and presets
-# Every option lives in one dataclass; the command line (section 13) is generated from it.
+# Every option lives in one dataclass; the command line (section 15) is generated from it.
 # A preset is a named bundle of defaults; an option given explicitly always wins over it.
 #   default: CIFAR-10 on a GPU, 30 epochs.
 #   cpu:     FashionMNIST on a laptop CPU in about 5 minutes: 7x7 patches (16 tokens, cheap
@@ -298,8 +328,8 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "cpu": dict(dataset="fashionmnist", epochs=25, batch_size=256, lr=3e-3, patch_size=7, dim=64, depth=3, heads=4,
-                mlp_dim=128, crop_pad=1),
+    "cpu": dict(dataset="fashionmnist", epochs=25, batch_size=256, lr=3e-3, patch_size=7,
+                dim=64, depth=3, heads=4, mlp_dim=128, crop_pad=1),
     "tiny": dict(dataset="cifar10", batch_size=256, lr=2e-3, dim=64, depth=6, heads=4, mlp_dim=128),
 }
 KNOWN_SIZES = {"cifar10": 32, "fashionmnist": 28}          # known before any download
@@ -347,16 +377,17 @@ def validate(cfg):
 #   device                           auto   why
 #   CUDA, compute capability >= 8.0  bf16   A100, H100, L4, RTX 30/40: bf16 tensor cores;
 #                                           float32's exponent range, so nothing overflows
-#   CUDA, compute capability < 8.0   fp16   T4 (Colab's free GPU), V100, P100: fp16 tensor
-#                                           cores, bf16 only emulated; fp16's range ends at
-#                                           65504 and small gradients underflow to zero, so
-#                                           the loss is scaled (GradScaler, section 8)
+#   CUDA, compute capability < 8.0   fp16   T4 (Colab's free GPU), V100: fp16 tensor cores
+#                                           (P100: fast fp16, no tensor cores); bf16 only
+#                                           emulated. fp16's range ends at 65504 and small
+#                                           gradients underflow to zero, so the loss is
+#                                           scaled (GradScaler, section 8)
 #   Apple MPS                        fp32   no measurement here says autocast pays on it
 #   CPU with AVX512-BF16 or AMX      bf16   native bf16 instructions
 #   any other CPU                    fp32   bf16 would be emulated: slower than float32
 # torch.cuda.is_bf16_supported() cannot make this choice: it is True on a T4, because it
-# counts emulation. On CUDA, float32 matrix products use TF32 (float32's range, 10 mantissa
-# bits) on A100 and newer: PyTorch's default is exact float32, which wastes the tensor cores.
+# counts emulation. From compute capability 8.0, float32 matrix products use TF32 (float32's
+# range, 10 mantissa bits): PyTorch's default, exact float32, leaves the tensor cores idle.
 # -----------------------------------------------------------------------------------------
 def pick_device(name=None):
     if name:
@@ -407,30 +438,19 @@ def precision_policy(requested, device):
 
 
 def choose_precision(requested, device):
+    # The policy's choice, the fast float32 kernels on CUDA, and a check that the installed
+    # torch can run the choice here: some versions refuse some pairs (MPS autocast before
+    # torch 2.5), others switch autocast off with only a warning, which here is an error.
     name, why = precision_policy(requested, device)
     if device.type == "cuda":
-        use_fast_cuda_kernels(device)
-    check_supported(name, device)
-    return name, why
-
-
-def use_fast_cuda_kernels(device):
-    # TF32 for what runs in float32, where tensor cores have it (compute capability 8.0+),
-    # through the API the installed torch prefers (the older one warns from torch 2.9 on).
-    if torch.cuda.get_device_capability(device)[0] >= 8:
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-        else:
-            torch.set_float32_matmul_precision("high")
-    # F.scaled_dot_product_attention may pick cuDNN's kernel on H100s, which has had wrong
-    # results for sequence lengths that are not multiples of 128 (ours: 65); the flash,
-    # memory-efficient and plain kernels remain.
-    torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-def check_supported(name, device):
-    # Some torch versions refuse some pairs (MPS autocast before torch 2.5); others switch
-    # autocast off with only a warning, which here becomes an error.
+        if torch.cuda.get_device_capability(device)[0] >= 8:      # TF32, by the newer API
+            if hasattr(torch.backends.cuda.matmul, "fp32_precision"):   # (the older warns)
+                torch.backends.cuda.matmul.fp32_precision = "tf32"
+            else:
+                torch.set_float32_matmul_precision("high")
+        # cuDNN's attention kernel, which F.scaled_dot_product_attention may pick on H100s,
+        # has had wrong results for sequence lengths not a multiple of 128 (ours: 65)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -441,21 +461,22 @@ def check_supported(name, device):
         raise UserError(f"torch {torch.__version__} cannot run {name} autocast on "
                         f"{device.type} ({str(e).splitlines()[0]}); use --precision fp32.") \
             from None
+    return name, why
 
 
 def autocast(precision, device):
     # No autocast context at all in float32: even a disabled torch.autocast(...) raises on
-    # some versions (torch 2.1's CPU autocast accepts only bf16; MPS had none before 2.5).
+    # some versions (MPS had no autocast before torch 2.5).
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AMP_DTYPE[precision])
 
 
 # -----------------------------------------------------------------------------------------
-# 7. Data, kept on the device as uint8
+# 7. Data: kept on the device as uint8
 # Why on the device: a DataLoader decodes and augments each batch on the CPU and copies it
 # to the GPU. For a model this small the GPU finishes a step sooner than a Colab CPU can
-# prepare the next batch, so the GPU would wait. CIFAR-10 is only 150 MB as uint8: decoded
+# prepare the next batch, so the GPU would wait. CIFAR-10 is only 184 MB as uint8: decoded
 # once, it fits on any GPU, and cropping and flipping a batch there as tensor operations
 # costs next to nothing. (A data set too big for the device memory would need a DataLoader.)
 # Training batches are augmented: a random crop from a zero-padded copy (the object may sit
@@ -466,8 +487,8 @@ def autocast(precision, device):
 # -----------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    train_x: torch.Tensor          # (N_train, C, H, W) uint8
-    train_y: torch.Tensor          # (N_train,) int64
+    train_x: torch.Tensor          # (n_train, C, H, W) uint8
+    train_y: torch.Tensor          # (n_train,) int64
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list
@@ -484,17 +505,426 @@ class Data:
         return self
 
     def normalize(self, x):
-        # uint8 (B, C, H, W) -> float, zero mean and unit variance per channel
-        return (x.float() / 255 - self.mean_t) / self.std_t
+        return normalize(x, self.mean_t, self.std_t)
 
 
+def normalize(x, mean, std):
+    # uint8 (B, C, H, W) -> float, zero mean and unit variance per channel; mean, std: (1, C, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def channel_stats(x):
+    # Mean and std of each channel over the whole training split. Normalising with them puts
+    # every input channel at zero mean and unit variance, the scale the initial weights
+    # (section 4) were chosen for. Sums of integers are exact; chunks bound the memory.
+    total = torch.zeros(x.size(1), dtype=torch.int64)
+    total_sq = torch.zeros(x.size(1), dtype=torch.int64)
+    for chunk in x.split(256):
+        c = chunk.long()                                          # (b, C, H, W)
+        total += c.sum(dim=(0, 2, 3))
+        total_sq += (c * c).sum(dim=(0, 2, 3))
+    n = x.size(0) * x.size(2) * x.size(3)
+    mean = total.double() / n / 255
+    std = (total_sq.double() / n / 255 ** 2 - mean ** 2).clamp_min(1e-12).sqrt()  # E[x^2]-E[x]^2
+    return mean.tolist(), std.tolist()
+
+
+def load_data(cfg):
+    # Both splits as uint8 tensors on the CPU, the class names, and the training split's
+    # statistics; the caller moves it all to the device (Data.to).
+    name = cfg.dataset.lower()
+    if name in ("cifar10", "fashionmnist"):
+        splits, classes = load_torchvision(name, cfg.data_root)
+    elif os.path.isdir(cfg.dataset):
+        splits, classes = load_image_folder(cfg.dataset, cfg.image_size)
+    else:
+        raise UserError(f"unknown dataset {cfg.dataset!r}: use cifar10, fashionmnist, or the "
+                        f"path of a folder with train/ and test/ subfolders.")
+    train_x, train_y, test_x, test_y = splits                     # (n, C, H, W) and (n,)
+    if cfg.image_size and train_x.size(-1) != cfg.image_size:
+        # torchvision's sets come in one size; resize them once if another was asked for
+        train_x, test_x = (F.interpolate(x.float(), size=cfg.image_size, mode="bilinear",
+                                         antialias=True).round().clamp(0, 255).to(torch.uint8)
+                           for x in (train_x, test_x))
+    mean, std = channel_stats(train_x)
+    return Data(train_x, train_y.long(), test_x, test_y.long(), classes, mean, std)
+
+
+def augment(x, pad, flip):
+    # x: (B, C, H, W) uint8 on the device. Random crop of the original size from a copy
+    # padded with zeros, done as one gather; then a random horizontal flip by masking.
+    # Every image gets its own shift and its own coin, so no two epochs see the same batch.
+    # The crop's padding is the knob: 1/8 of the side on CIFAR-10 (4 pixels); on 28x28
+    # FashionMNIST with 7x7 patches, 1 pixel did better (the README's tuning table).
+    B, C, H, W = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))                   # (B, C, H+2p, W+2p)
+        dy = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), device=x.device)
+        rows = dy + torch.arange(H, device=x.device).view(1, 1, H, 1)   # (B, 1, H, 1)
+        cols = dx + torch.arange(W, device=x.device).view(1, 1, 1, W)   # (B, 1, 1, W)
+        batch = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+        chans = torch.arange(C, device=x.device).view(1, C, 1, 1)
+        x = padded[batch, chans, rows, cols]                      # (B, C, H, W)
+    if flip:
+        mirror = torch.rand(B, 1, 1, 1, device=x.device) < 0.5
+        x = torch.where(mirror, x.flip(3), x)                     # (B, C, H, W)
+    return x
+
+
+# -----------------------------------------------------------------------------------------
+# 8. Training
+# One step, in this order (train_step):
+#   1. forward under autocast (section 6), and the loss: cross-entropy with label smoothing
+#      0.1, i.e. the target is 0.9 on the true class plus 0.1 spread over all classes. A
+#      one-hot target can only be met by infinite logits, so the model would keep growing
+#      its weights on examples it already gets right; a smoothed one is met by finite logits.
+#   2. backward: gradients of the loss for every parameter, added into .grad (so zeroed
+#      first). In fp16 the loss is first multiplied by a large scale (2^16 to start): the
+#      gradients are multiplied too, and small ones no longer underflow fp16 to zero.
+#   3. unscale: divide the gradients by that scale again, before anything reads them.
+#   4. clip: if the global gradient norm exceeds 1.0, shrink all gradients in proportion, so
+#      one unlucky batch early in training cannot throw the weights far.
+#   5. optimizer step (AdamW). In fp16 the scaler skips it if any gradient overflowed to inf
+#      or NaN, and halves its scale; after 2000 clean steps it doubles it again.
+#   6. scheduler step: the learning rate for the next step. It steps on skipped steps too:
+#      the schedule is a function of the step number and still ends at zero on the last one.
+# AdamW: Adam divides each weight's step by the running size of its gradients, so every
+# weight learns at a sensible speed whatever its scale. Its weight decay pulls the weights
+# towards zero directly (decoupled: Adam's scaling would otherwise weaken it), a pressure
+# towards simple solutions. Biases, LayerNorm gains, the CLS token and the position
+# embedding get no decay: pulling a LayerNorm gain towards zero silences its features, and
+# these few numbers are not what overfits.
+# Warmup then cosine: at the start Adam's running averages rest on a handful of batches, its
+# steps are unreliable, and large ones can wreck the attention; so the learning rate rises
+# linearly from 0.1% of its peak over the first 5% of steps. Then it follows half a cosine
+# down to exactly zero at the last step: large steps while far from a good solution, ever
+# smaller ones to settle into it. Hence a 30-epoch run is not the first 30 epochs of a
+# 50-epoch run: each schedule ends where its budget ends.
+# Losses and accuracies are summed on the device and read once per epoch (and the loss at
+# the ~20 progress lines): every .item() makes the CPU wait for the GPU to catch up.
+# -----------------------------------------------------------------------------------------
+def use_fused_attn(cfg, device):
+    # PyTorch's fused CPU kernel has a slow backward pass. On a 2-core CPU, python vit.py
+    # --benchmark --preset cpu trained at 9,741 img/s with the hand-written path against
+    # 1,831 with --attn fused in bf16 (7,079 against 5,263 in fp32). On GPUs the fused kernels
+    # are the fast ones (FlashAttention from compute capability 8.0, a memory-efficient kernel
+    # on a T4 or V100), so "auto" uses them everywhere but on the CPU.
+    return cfg.attn == "fused" or (cfg.attn == "auto" and device.type != "cpu")
+
+
+def build_model(cfg, in_channels, num_classes, device):
+    return ViT(cfg.image_size, cfg.patch_size, in_channels, num_classes, cfg.dim, cfg.depth,
+               cfg.heads, cfg.mlp_dim, cfg.dropout, use_fused_attn(cfg, device), cfg.pool)
+
+
+def build_optimizer(model, cfg, epoch_steps):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n
+             and "cls_token" not in n]                            # the weight matrices
+    no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    total = cfg.epochs * epoch_steps
+    warmup = max(1, round(cfg.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, total))
+    return opt, sched
+
+
+def lr_factor(step, warmup, total):
+    # The learning rate before step `step` (0, 1, ..., total), as a fraction of the peak: a
+    # pure function of the step, so a resumed run, even one given a new --epochs, gets
+    # exactly the new schedule's value by setting the step (restore, section 9).
+    if step < warmup:
+        return 1e-3 + (1 - 1e-3) * step / warmup                 # linear, from 0.1%
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))               # half a cosine, to 0
+
+
+def step_schedule(sched, steps=1):
+    # PyTorch warns when the schedule steps while the optimizer did not (a step the fp16
+    # scaler skipped, or the first step of a resumed run); here that is meant.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        for _ in range(steps):
+            sched.step()
+
+
+def train_step(model, x, y, opt, sched, scaler, cfg, precision, device):
+    with autocast(precision, device):
+        logits = model(x)                                         # (B, K)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)                               # None: no zeros written
+    scaler.scale(loss).backward()                                 # (not fp16: loss as is)
+    scaler.unscale_(opt)
+    if cfg.clip_grad > 0:                                         # 0: no clipping
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    scaler.step(opt)
+    scaler.update()
+    step_schedule(sched)
+    return logits, loss
+
+
+def steps_per_epoch(n_train, cfg):
+    # torch.compile builds kernels for one batch shape, and a ragged last batch would compile
+    # them all again; so a compiled run drops it, as DataLoader(drop_last=True) would (on
+    # CIFAR-10: 336 of 50,000 images, other ones each epoch, since the order is reshuffled).
+    if cfg.compile and n_train >= cfg.batch_size:
+        return n_train // cfg.batch_size
+    return math.ceil(n_train / cfg.batch_size)
+
+
+def train_one_epoch(model, data, opt, sched, scaler, cfg, precision, device, epoch):
+    model.train()                                                 # dropout on
+    n, bs = data.train_x.size(0), cfg.batch_size                  # images, batch size
+    steps = steps_per_epoch(n, cfg)
+    seen = min(n, steps * bs)
+    pad = cfg.crop_pad if cfg.augment else 0
+    perm = torch.randperm(n, device=device)                       # a new order every epoch
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    live = sys.stdout.isatty() or in_notebook()                   # rewrite one progress line
+    show_every = max(1, steps // (20 if live else 4))
+    t0 = time.time()
+    for step in range(steps):
+        idx = perm[step * bs:(step + 1) * bs]
+        x = augment(data.train_x[idx], pad, cfg.flip and cfg.augment)   # (B, C, H, W) uint8
+        x = data.normalize(x)                                     # (B, C, H, W) float
+        y = data.train_y[idx]                                     # (B,)
+        logits, loss = train_step(model, x, y, opt, sched, scaler, cfg, precision, device)
+        loss_sum += loss.detach() * y.size(0)
+        correct += (logits.argmax(dim=1) == y).sum()
+        if (step + 1) % show_every == 0 and step + 1 < steps:
+            if not math.isfinite(loss.item()):
+                return math.nan, math.nan                         # diverged: train_run stops
+            rate = (step + 1) * bs / (time.time() - t0)
+            msg = f"  epoch {epoch} [{step + 1}/{steps}] loss {loss.item():.3f} {rate:,.0f} img/s"
+            print("\r" + msg if live else msg, end="" if live else "\n", flush=True)
+    if live:
+        print("\r" + " " * 60 + "\r", end="")
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+@torch.no_grad()                  # no graph for backward: faster, and less memory
+def evaluate(model, data, cfg, precision, device):
+    # The mean loss (label-smoothed like training's, so the two curves compare), the
+    # accuracy, and every prediction (for the confusion matrix). eval() turns dropout off.
+    # A compiled model sees one batch shape only: the last batch is padded with blank
+    # images, whose outputs are dropped.
+    model.eval()
+    loss_sum, preds, bs = torch.zeros((), device=device), [], cfg.batch_size
+    for i in range(0, data.test_x.size(0), bs):
+        x = data.test_x[i:i + bs]                                 # never augmented
+        y = data.test_y[i:i + bs]
+        if cfg.compile and len(x) < bs:
+            x = torch.cat([x, x.new_zeros(bs - len(x), *x.shape[1:])])
+        with autocast(precision, device):
+            logits = model(data.normalize(x))[:len(y)]            # (B, K)
+        loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
+                                    reduction="sum")
+        preds.append(logits.argmax(dim=1))
+    preds = torch.cat(preds)
+    acc = (preds == data.test_y).float().mean().item()
+    return loss_sum.item() / data.test_y.size(0), acc, preds
+
+
+# -----------------------------------------------------------------------------------------
+# 9. Checkpoints and run folders: written atomically, loaded safely, never overwritten
+# model.pth is what you would ship: the weights, the model's configuration as plain data,
+# the class names and the normalisation, all that --eval and --predict need.
+# checkpoint.pth is what resuming needs to give exactly the numbers of a run never stopped:
+# every state the next step reads. The weights; AdamW's two running averages per weight and
+# its step count; the epoch, from which the schedule's step follows; the fp16 scaler's
+# scale; the random generators, which decide the next epoch's order, crops and flips (the
+# CPU's, and the one of the GPU or Mac in use, since those are drawn on the device); and
+# the metrics and configuration so far.
+# Both are written to a temporary file and renamed, so a crash mid-write never leaves a
+# half-written file. Both are loaded with weights_only=True: the unpickler then accepts only
+# tensors and plain containers, so a booby-trapped file cannot run code.
+# -----------------------------------------------------------------------------------------
+def write_atomically(path, write):
+    # write(tmp) writes the file under a temporary name; only a complete file is renamed to
+    # `path`. A failed write (a full disk, no permission, Ctrl-C) removes the temporary file
+    # and leaves the previous file at `path` as it was.
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)                                     # atomic on one file system
+    except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else \
+            "the write stopped short, as on a full disk"
+        raise UserError(f"could not write {path!r} ({cause}); any earlier version of it is "
+                        f"kept.") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def claim_run_folder(out):
+    # A run folder holds one run. A new run claims its folder by creating metrics.json with
+    # O_EXCL, which fails if the file exists: of two runs aimed at one folder, exactly one
+    # gets it, and a folder that holds a run (even a finished one) is never written over.
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {out!r} ({e.strerror or e}).") from None
+    ckpt = os.path.join(out, "checkpoint.pth")
+    try:
+        if os.path.exists(ckpt) or os.path.exists(os.path.join(out, "model.pth")):
+            raise FileExistsError
+        fd = os.open(os.path.join(out, "metrics.json"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        hint = (f"continue it with --resume {ckpt}" if os.path.exists(ckpt) else
+                "it is running, or stopped before its first epoch ended (then delete it)")
+        raise UserError(f"{out!r} already holds a run; {hint}, or choose another --out.") \
+            from None
+    except OSError as e:
+        raise UserError(f"cannot write in the run folder {out!r} ({e.strerror or e}).") from None
+    with os.fdopen(fd, "w") as f:
+        f.write("[]\n")                                           # no epoch yet
+
+
+def release_run_folder(out):
+    # A run that ends before its first checkpoint leaves nothing worth keeping: give the
+    # folder back, so that the same command can be run again.
+    for name in ("metrics.json", "patches.png"):                  # written before epoch 1
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(out)                                             # only if now empty
+
+
+def new_run_folder(cfg):
+    # runs/NAME-DATE-TIME; a second run started in the same second gets -2, and so on:
+    # os.mkdir either creates the folder or fails, so two runs cannot both get one name.
+    name = os.path.basename(os.path.normpath(cfg.dataset)).lower()    # cifar10, my-photos
+    base = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        os.makedirs("runs", exist_ok=True)
+        for n in range(1, 1000):
+            out = base if n == 1 else f"{base}-{n}"
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(out)
+                return out
+    except OSError as e:
+        raise UserError(f"cannot create a run folder under {os.path.abspath('runs')!r} "
+                        f"({e.strerror or e}); choose one with --out.") from None
+    raise UserError(f"{base}-* are all taken; choose a run folder with --out.")
+
+
+def load_file(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path!r} does not exist.")
+    if not zipfile.is_zipfile(path):                              # torch.save writes a zip
+        raise UserError(f"{what} {path!r} is corrupt or is not a PyTorch file.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)   # GPU-saved: on CPU
+    except pickle.UnpicklingError:
+        raise UserError(f"{what} {path!r} was refused: it holds objects other than tensors and "
+                        f"plain data, and loading it could run code.") from None
+    except Exception:
+        raise UserError(f"{what} {path!r} is corrupt or is not a PyTorch file.") from None
+    if not isinstance(obj, dict) or "config" not in obj or "classes" not in obj:   # foreign
+        raise UserError(f"{what} {path!r} was not written by vit.py.")
+    return obj
+
+
+def rng_state(device):
+    # Every random draw (shuffle, crop, flip, dropout) continues from these states: saved,
+    # they make the resumed epochs draw exactly what the uninterrupted run would have. Only
+    # the device in use: a run saved on a 2-GPU machine must resume on a 1-GPU one.
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and state.get("mps") is not None:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
+    # Written after every epoch: a crash or a closed Colab tab loses at most one epoch.
+    # (The disabled scaler of a bf16 or fp32 run saves an empty dict.)
+    weights = model.state_dict()
+    atomic_save({"config": asdict(cfg), "model": weights,
+                 "optimizer": opt.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"],
+                 "rng": rng_state(device), "metrics": metrics, "classes": data.classes,
+                 "mean": data.mean, "std": data.std}, os.path.join(out, "checkpoint.pth"))
+    # model.pth: plain data only, no pickled Config object, so that any later vit.py (and
+    # any other program) can read it with weights_only=True.
+    model_cfg = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    model_cfg["in_channels"] = data.train_x.size(1)
+    atomic_save({"config": model_cfg, "state_dict": weights, "classes": data.classes,
+                 "mean": data.mean, "std": data.std, "dataset": cfg.dataset,
+                 "data_root": cfg.data_root}, os.path.join(out, "model.pth"))
+    save_metrics(metrics, out)
+
+
+def save_metrics(metrics, out):
+    # allow_nan=False: NaN is not JSON; train_run stops a diverged run before it gets here.
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=1, allow_nan=False)
+    write_atomically(os.path.join(out, "metrics.json"), write)
+
+
+def load_weights(model, state_dict, path):
+    # load_state_dict is strict: every name and every shape must match, or it says which
+    # do not; that sentence, not its traceback, is what the user needs.
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[-1].strip()[:200]
+        raise UserError(f"the weights in {path!r} do not fit this model ({first}).") from None
+
+
+def check_fits(saved_classes, data, path):
+    if list(saved_classes) != list(data.classes):
+        raise UserError(f"{path!r} was trained on classes {list(saved_classes)[:5]}..., but "
+                        f"this data has {data.classes[:5]}...; it does not fit this data.")
+
+
+def restore(ckpt, path, cfg, data, model, opt, sched, scaler, steps, device):
+    # Puts a fresh setup back where the checkpoint left off. The optimizer is built first
+    # and then loaded (rather than pickled whole) so that its state lands on this device.
+    check_fits(ckpt["classes"], data, path)
+    load_weights(model, ckpt["model"], path)
+    opt.load_state_dict(ckpt["optimizer"])
+    # The schedule is a formula of the step (section 8): put it at the steps already done, for
+    # this run's length, which a new --epochs may have changed.
+    sched.last_epoch = ckpt["epoch"] * steps - 1
+    step_schedule(sched)
+    if scaler.is_enabled() and ckpt.get("scaler"):                # an fp16 run's scale
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
+    return ckpt["metrics"]                                        # one record per epoch done
+
+
+# -----------------------------------------------------------------------------------------
+# 10. Data files: torchvision's data sets, your image folders, your images
+# load_data (section 7) gets CIFAR-10 and FashionMNIST from torchvision, and reads a folder
+# data set, as --predict reads your images, with read_image. Real folders are untidy: gray
+# and colour images mixed, an odd size, 16-bit scans, phone photos stored sideways,
+# notebook and macOS litter. Each is handled here, or refused in one sentence.
+# -----------------------------------------------------------------------------------------
 OFFLINE_HINT = ("if this machine is offline, point --data-root at a folder that already holds "
                 "the data set, or --dataset at an image folder with train/ and test/ subfolders")
 
 
 def load_torchvision(name, root):
     # torchvision's classes download the files once (CIFAR-10 170 MB, FashionMNIST 30 MB)
-    # and keep every image of a split in one array: .data, (N, H, W, C) or (N, H, W) uint8.
+    # and keep every image of a split in one array: .data, (n, H, W, C) or (n, H, W) uint8.
     import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10,
            "fashionmnist": torchvision.datasets.FashionMNIST}[name]
@@ -506,8 +936,8 @@ def load_torchvision(name, root):
             reason = " ".join(str(e).split())                    # one line
             raise UserError(f"could not find or download {name} in {root!r} ({reason}); "
                             f"{OFFLINE_HINT}.") from None
-        x = torch.as_tensor(ds.data)                              # (N, H, W[, C]) uint8
-        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)   # (N, C, H, W)
+        x = torch.as_tensor(ds.data)                              # (n, H, W[, C]) uint8
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)   # (n, C, H, W)
         splits += [x.contiguous(), torch.as_tensor(ds.targets)]
     return splits, list(ds.classes)
 
@@ -629,408 +1059,12 @@ def load_image_folder(path, image_size):
     return splits, classes
 
 
-def channel_stats(x):
-    # Mean and std of each channel over the whole training split. Normalising with them puts
-    # every input channel at zero mean and unit variance, the scale the initial weights
-    # (section 4) were chosen for. Sums of integers are exact; chunks bound the memory.
-    total = torch.zeros(x.size(1), dtype=torch.int64)
-    total_sq = torch.zeros(x.size(1), dtype=torch.int64)
-    for chunk in x.split(256):
-        c = chunk.long()                                          # (b, C, H, W)
-        total += c.sum(dim=(0, 2, 3))
-        total_sq += (c * c).sum(dim=(0, 2, 3))
-    n = x.size(0) * x.size(2) * x.size(3)
-    mean = total.double() / n / 255
-    std = (total_sq.double() / n / 255 ** 2 - mean ** 2).clamp_min(1e-12).sqrt()  # E[x^2]-E[x]^2
-    return mean.tolist(), std.tolist()
-
-
-def load_data(cfg):
-    # Both splits as uint8 tensors on the CPU, the class names, and the training split's
-    # statistics; the caller moves it all to the device (Data.to).
-    name = cfg.dataset.lower()
-    if name in ("cifar10", "fashionmnist"):
-        splits, classes = load_torchvision(name, cfg.data_root)
-    elif os.path.isdir(cfg.dataset):
-        splits, classes = load_image_folder(cfg.dataset, cfg.image_size)
-    else:
-        raise UserError(f"unknown dataset {cfg.dataset!r}: use cifar10, fashionmnist, or the "
-                        f"path of a folder with train/ and test/ subfolders.")
-    train_x, train_y, test_x, test_y = splits                     # (N, C, H, W) and (N,)
-    if cfg.image_size and train_x.size(-1) != cfg.image_size:
-        # torchvision's sets come in one size; resize them once if another was asked for
-        train_x, test_x = (F.interpolate(x.float(), size=cfg.image_size, mode="bilinear",
-                                         antialias=True).round().clamp(0, 255).to(torch.uint8)
-                           for x in (train_x, test_x))
-    mean, std = channel_stats(train_x)
-    return Data(train_x, train_y.long(), test_x, test_y.long(), classes, mean, std)
-
-
-def augment(x, pad, flip):
-    # x: (B, C, H, W) uint8 on the device. Random crop of the original size from a copy
-    # padded with zeros, done as one gather; then a random horizontal flip by masking.
-    # Every image gets its own shift and its own coin, so no two epochs see the same batch.
-    # The crop's padding is the knob: 1/8 of the side on CIFAR-10 (4 pixels); on 28x28
-    # FashionMNIST with 7x7 patches, 1 pixel did better (the README's tuning table).
-    B, C, H, W = x.shape
-    if pad > 0:
-        padded = F.pad(x, (pad, pad, pad, pad))                   # (B, C, H+2p, W+2p)
-        dy = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), device=x.device)
-        dx = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), device=x.device)
-        rows = dy + torch.arange(H, device=x.device).view(1, 1, H, 1)   # (B, 1, H, 1)
-        cols = dx + torch.arange(W, device=x.device).view(1, 1, 1, W)   # (B, 1, 1, W)
-        batch = torch.arange(B, device=x.device).view(B, 1, 1, 1)
-        chans = torch.arange(C, device=x.device).view(1, C, 1, 1)
-        x = padded[batch, chans, rows, cols]                      # (B, C, H, W)
-    if flip:
-        mirror = torch.rand(B, 1, 1, 1, device=x.device) < 0.5
-        x = torch.where(mirror, x.flip(3), x)                     # (B, C, H, W)
-    return x
-
-
 # -----------------------------------------------------------------------------------------
-# 8. Training
-# One step, in this order (train_step):
-#   1. forward under autocast (section 6), and the loss: cross-entropy with label smoothing
-#      0.1, i.e. the target is 0.9 on the true class plus 0.1 spread over all classes. A
-#      one-hot target can only be met by infinite logits, so the model would keep growing
-#      its weights on examples it already gets right; a smoothed one is met by finite logits.
-#   2. backward: gradients of the loss for every parameter, added into .grad (so zeroed
-#      first). In fp16 the loss is first multiplied by a large scale (2^16 to start): the
-#      gradients are multiplied too, and small ones no longer underflow fp16 to zero.
-#   3. unscale: divide the gradients by that scale again, before anything reads them.
-#   4. clip: if the global gradient norm exceeds 1.0, shrink all gradients in proportion, so
-#      one unlucky batch early in training cannot throw the weights far.
-#   5. optimizer step (AdamW). In fp16 the scaler skips it if any gradient overflowed to inf
-#      or NaN, and halves its scale; after 2000 clean steps it doubles it again.
-#   6. scheduler step: the learning rate for the next step. It steps on skipped steps too:
-#      the schedule is a function of the step number and still ends at zero on the last one.
-# AdamW: Adam divides each weight's step by the running size of its gradients, so every
-# weight learns at a sensible speed whatever its scale. Its weight decay pulls the weights
-# towards zero directly (decoupled: Adam's scaling would otherwise weaken it), a pressure
-# towards simple solutions. Biases, LayerNorm gains, the CLS token and the position
-# embedding get no decay: pulling a LayerNorm gain towards zero silences its features, and
-# these few numbers are not what overfits.
-# Warmup then cosine: at the start Adam's running averages rest on a handful of batches, its
-# steps are unreliable, and large ones can wreck the attention; so the learning rate rises
-# linearly from 0.1% of its peak over the first 5% of steps. Then it follows half a cosine
-# down to exactly zero at the last step: large steps while far from a good solution, ever
-# smaller ones to settle into it. Hence a 30-epoch run is not the first 30 epochs of a
-# 50-epoch run: each schedule ends where its budget ends.
-# Losses and accuracies are summed on the device and read once per epoch: every .item()
-# would make the CPU wait for the GPU to catch up.
-# -----------------------------------------------------------------------------------------
-def use_fused_attn(cfg, device):
-    # PyTorch's fused CPU kernel has a slow backward pass. On a 2-core CPU, python vit.py
-    # --benchmark --preset cpu trained at 9,741 img/s with the hand-written path against
-    # 1,831 with --attn fused in bf16 (7,079 against 5,263 in fp32). On GPUs the fused kernels
-    # are the fast ones (FlashAttention from compute capability 8.0, a memory-efficient kernel
-    # on a T4 or V100), so "auto" uses them everywhere but on the CPU.
-    return cfg.attn == "fused" or (cfg.attn == "auto" and device.type != "cpu")
-
-
-def build_model(cfg, in_channels, num_classes, device):
-    return ViT(cfg.image_size, cfg.patch_size, in_channels, num_classes, cfg.dim, cfg.depth,
-               cfg.heads, cfg.mlp_dim, cfg.dropout, use_fused_attn(cfg, device), cfg.pool)
-
-
-def build_optimizer(model, cfg, epoch_steps):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n
-             and "cls_token" not in n]                            # the weight matrices
-    no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    total = cfg.epochs * epoch_steps
-    warmup = max(1, round(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, total))
-    return opt, sched
-
-
-def lr_factor(step, warmup, total):
-    # The learning rate before step `step` (0, 1, ..., total), as a fraction of the peak: a
-    # pure function of the step, so a resumed run, even one given a new --epochs, gets
-    # exactly the new schedule's value by setting the step (restore, section 9).
-    if step < warmup:
-        return 1e-3 + (1 - 1e-3) * step / warmup                 # linear, from 0.1%
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress))               # half a cosine, to 0
-
-
-def step_schedule(sched, steps=1):
-    # PyTorch warns when the schedule steps while the optimizer did not (a step the fp16
-    # scaler skipped, or the first step of a resumed run); here that is meant.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-        for _ in range(steps):
-            sched.step()
-
-
-def train_step(model, x, y, opt, sched, scaler, cfg, precision, device):
-    with autocast(precision, device):
-        logits = model(x)                                         # (B, K)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-    opt.zero_grad(set_to_none=True)                               # None: no zeros written
-    scaler.scale(loss).backward()                                 # (not fp16: loss as is)
-    scaler.unscale_(opt)
-    if cfg.clip_grad > 0:                                         # 0: no clipping
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-    scaler.step(opt)
-    scaler.update()
-    step_schedule(sched)
-    return logits, loss
-
-
-def steps_per_epoch(n_train, cfg):
-    # torch.compile builds kernels for one batch shape, and a ragged last batch would compile
-    # them all again; so a compiled run drops it, as DataLoader(drop_last=True) would (on
-    # CIFAR-10: 336 of 50,000 images, other ones each epoch, since the order is reshuffled).
-    if cfg.compile and n_train >= cfg.batch_size:
-        return n_train // cfg.batch_size
-    return math.ceil(n_train / cfg.batch_size)
-
-
-def train_one_epoch(model, data, opt, sched, scaler, cfg, precision, device, epoch):
-    model.train()                                                 # dropout on
-    N, bs = data.train_x.size(0), cfg.batch_size
-    steps = steps_per_epoch(N, cfg)
-    seen = min(N, steps * bs)
-    pad = cfg.crop_pad if cfg.augment else 0
-    perm = torch.randperm(N, device=device)                       # a new order every epoch
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    live = sys.stdout.isatty() or in_notebook()                   # rewrite one progress line
-    show_every = max(1, steps // (20 if live else 4))
-    t0 = time.time()
-    for step in range(steps):
-        idx = perm[step * bs:(step + 1) * bs]
-        x = augment(data.train_x[idx], pad, cfg.flip and cfg.augment)   # (B, C, H, W) uint8
-        x = data.normalize(x)                                     # (B, C, H, W) float
-        y = data.train_y[idx]                                     # (B,)
-        logits, loss = train_step(model, x, y, opt, sched, scaler, cfg, precision, device)
-        loss_sum += loss.detach() * y.size(0)
-        correct += (logits.argmax(dim=1) == y).sum()
-        if (step + 1) % show_every == 0 and step + 1 < steps:
-            if not math.isfinite(loss.item()):
-                return math.nan, math.nan                         # diverged: train_run stops
-            rate = (step + 1) * bs / (time.time() - t0)
-            msg = f"  epoch {epoch} [{step + 1}/{steps}] loss {loss.item():.3f} {rate:,.0f} img/s"
-            print("\r" + msg if live else msg, end="" if live else "\n", flush=True)
-    if live:
-        print("\r" + " " * 60 + "\r", end="")
-    return loss_sum.item() / seen, correct.item() / seen
-
-
-@torch.no_grad()                  # no graph for backward: faster, and less memory
-def evaluate(model, data, cfg, precision, device):
-    # The mean loss (label-smoothed like training's, so the two curves compare), the
-    # accuracy, and every prediction (for the confusion matrix). eval() turns dropout off.
-    # A compiled model sees one batch shape only: the last batch is padded with blank
-    # images, whose outputs are dropped.
-    model.eval()
-    loss_sum, preds, bs = torch.zeros((), device=device), [], cfg.batch_size
-    for i in range(0, data.test_x.size(0), bs):
-        x = data.test_x[i:i + bs]                                 # never augmented
-        y = data.test_y[i:i + bs]
-        if cfg.compile and len(x) < bs:
-            x = torch.cat([x, x.new_zeros(bs - len(x), *x.shape[1:])])
-        with autocast(precision, device):
-            logits = model(data.normalize(x))[:len(y)]            # (B, K)
-        loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
-                                    reduction="sum")
-        preds.append(logits.argmax(dim=1))
-    preds = torch.cat(preds)
-    acc = (preds == data.test_y).float().mean().item()
-    return loss_sum.item() / data.test_y.size(0), acc, preds
-
-
-# -----------------------------------------------------------------------------------------
-# 9. Checkpoints, written atomically and loaded safely
-# model.pth is what you would ship: the weights, the model's configuration as plain data,
-# the class names and the normalisation, all that --eval and --predict need.
-# checkpoint.pth is what resuming needs to give exactly the numbers of a run never stopped:
-# every state the next step reads. The weights; AdamW's two running averages per weight and
-# its step count; the epoch, from which the schedule's step follows; the fp16 scaler's
-# scale; the random generators, which decide the next epoch's order, crops and flips (the
-# CPU's, and the one of the GPU or Mac in use, since those are drawn on the device); and
-# the metrics and configuration so far.
-# Both are written to a temporary file and renamed, so a crash mid-write never leaves a
-# half-written file. Both are loaded with weights_only=True: the unpickler then accepts only
-# tensors and plain containers, so a booby-trapped file cannot run code.
-# -----------------------------------------------------------------------------------------
-def write_atomically(path, write):
-    # write(tmp) writes the file under a temporary name; only a complete file is renamed to
-    # `path`. A failed write (a full disk, no permission, Ctrl-C) removes the temporary file
-    # and leaves the previous file at `path` as it was.
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)                                     # atomic on one file system
-    except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else \
-            "the write stopped short, as on a full disk"
-        raise UserError(f"could not write {path!r} ({cause}); any earlier version of it is "
-                        f"kept.") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_save(obj, path):
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
-def claim_run_folder(out):
-    # A run folder holds one run. A new run claims its folder by creating metrics.json with
-    # O_EXCL, which fails if the file exists: of two runs aimed at one folder, exactly one
-    # gets it, and a folder that holds a run (even a finished one) is never written over.
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {out!r} ({e.strerror or e}).") from None
-    ckpt = os.path.join(out, "checkpoint.pth")
-    try:
-        if os.path.exists(ckpt) or os.path.exists(os.path.join(out, "model.pth")):
-            raise FileExistsError
-        fd = os.open(os.path.join(out, "metrics.json"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        hint = (f"continue it with --resume {ckpt}" if os.path.exists(ckpt) else
-                "it is running, or stopped before its first epoch ended (then delete it)")
-        raise UserError(f"{out!r} already holds a run; {hint}, or choose another --out.") \
-            from None
-    except OSError as e:
-        raise UserError(f"cannot write in the run folder {out!r} ({e.strerror or e}).") from None
-    with os.fdopen(fd, "w") as f:
-        f.write("[]\n")                                           # no epoch yet
-
-
-def release_run_folder(out):
-    # A run that ends before its first checkpoint leaves nothing worth keeping: give the
-    # folder back, so that the same command can be run again.
-    with contextlib.suppress(OSError):
-        os.remove(os.path.join(out, "metrics.json"))
-        os.rmdir(out)                                             # only if now empty
-
-
-def new_run_folder(cfg):
-    # runs/NAME-DATE-TIME; a second run started in the same second gets -2, and so on:
-    # os.mkdir either creates the folder or fails, so two runs cannot both get one name.
-    name = os.path.basename(os.path.normpath(cfg.dataset)).lower()    # cifar10, my-photos
-    base = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        os.makedirs("runs", exist_ok=True)
-        for n in range(1, 1000):
-            out = base if n == 1 else f"{base}-{n}"
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(out)
-                return out
-    except OSError as e:
-        raise UserError(f"cannot create a run folder under {os.path.abspath('runs')!r} "
-                        f"({e.strerror or e}); choose one with --out.") from None
-    raise UserError(f"{base}-* are all taken; choose a run folder with --out.")
-
-
-def load_file(path, what):
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path!r} does not exist.")
-    if not zipfile.is_zipfile(path):                              # torch.save writes a zip
-        raise UserError(f"{what} {path!r} is corrupt or is not a PyTorch file.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)   # GPU-saved: on CPU
-    except pickle.UnpicklingError:
-        raise UserError(f"{what} {path!r} was refused: it holds objects other than tensors and "
-                        f"plain data, and loading it could run code.") from None
-    except Exception:
-        raise UserError(f"{what} {path!r} is corrupt or is not a PyTorch file.") from None
-    if not isinstance(obj, dict) or "config" not in obj or "classes" not in obj:   # foreign
-        raise UserError(f"{what} {path!r} was not written by vit.py.")
-    return obj
-
-
-def rng_state(device):
-    # Every random draw (shuffle, crop, flip, dropout) continues from these states: saved,
-    # they make the resumed epochs draw exactly what the uninterrupted run would have. Only
-    # the device in use: a run saved on a 2-GPU machine must resume on a 1-GPU one.
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
-        torch.cuda.set_rng_state(state["cuda"], device)
-    if device.type == "mps" and state.get("mps") is not None:
-        torch.mps.set_rng_state(state["mps"])
-
-
-def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
-    # Written after every epoch: a crash or a closed Colab tab loses at most one epoch.
-    # (The disabled scaler of a bf16 or fp32 run saves an empty dict.)
-    weights = model.state_dict()
-    atomic_save({"config": asdict(cfg), "model": weights,
-                 "optimizer": opt.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"],
-                 "rng": rng_state(device), "metrics": metrics, "classes": data.classes,
-                 "mean": data.mean, "std": data.std}, os.path.join(out, "checkpoint.pth"))
-    # model.pth: plain data only, no pickled Config object, so that any later vit.py (and
-    # any other program) can read it with weights_only=True.
-    model_cfg = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    model_cfg["in_channels"] = data.train_x.size(1)
-    atomic_save({"config": model_cfg, "state_dict": weights, "classes": data.classes,
-                 "mean": data.mean, "std": data.std, "dataset": cfg.dataset,
-                 "data_root": cfg.data_root}, os.path.join(out, "model.pth"))
-    save_metrics(metrics, out)
-
-
-def save_metrics(metrics, out):
-    # allow_nan=False: NaN is not JSON; train_run stops a diverged run before it gets here.
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=1, allow_nan=False)
-    write_atomically(os.path.join(out, "metrics.json"), write)
-
-
-def load_weights(model, state_dict, path):
-    # load_state_dict is strict: every name and every shape must match, or it says which
-    # do not; that sentence, not its traceback, is what the user needs.
-    try:
-        model.load_state_dict(state_dict)
-    except (RuntimeError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[-1].strip()[:200]
-        raise UserError(f"the weights in {path!r} do not fit this model ({first}).") from None
-
-
-def check_fits(saved_classes, data, path):
-    if list(saved_classes) != list(data.classes):
-        raise UserError(f"{path!r} was trained on classes {list(saved_classes)[:5]}..., but "
-                        f"this data has {data.classes[:5]}...; it does not fit this data.")
-
-
-def restore(ckpt, path, cfg, data, model, opt, sched, scaler, steps, device):
-    # Puts a fresh setup back where the checkpoint left off. The optimizer is built first
-    # and then loaded (rather than pickled whole) so that its state lands on this device.
-    check_fits(ckpt["classes"], data, path)
-    load_weights(model, ckpt["model"], path)
-    opt.load_state_dict(ckpt["optimizer"])
-    # The schedule is a formula of the step (section 8): put it at the steps already done, for
-    # this run's length, which a new --epochs may have changed.
-    sched.last_epoch = ckpt["epoch"] * steps - 1
-    step_schedule(sched)
-    if scaler.is_enabled() and ckpt.get("scaler"):                # an fp16 run's scale
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], device)
-    return ckpt["metrics"]                                        # one record per epoch done
-
-
-# -----------------------------------------------------------------------------------------
-# 10. Figures (PNG files; also shown inline when running in a notebook)
-# What the model learned, drawn after training and by --eval: loss and accuracy curves,
-# where the CLS token looks (attention rollout across layers and each head of the last
-# layer), how the learned position embeddings relate to each other, the confusion matrix
-# and a grid of mistakes. matplotlib is imported inside the functions, so importing vit.py
+# 11. Figures: PNG files, also shown inline in a notebook
+# What the model learned: loss and accuracy curves (after training); and, after training
+# and by --eval, where the CLS token looks (attention rollout across layers and each head of
+# the last layer), how the learned position embeddings relate to each other, the confusion
+# matrix and a grid of mistakes. matplotlib is imported inside the functions, so importing vit.py
 # stays fast and works without a display.
 # -----------------------------------------------------------------------------------------
 def save_figure(fig, path, tight=True):
@@ -1044,6 +1078,48 @@ def save_figure(fig, path, tight=True):
     finally:
         plt.close(fig)
     print(f"saved {path}")
+
+
+def plot_patches(image, patch_size, path):
+    # The central idea, drawn: one training image (C, H, W) cut into P x P patches, laid out
+    # in the order the Transformer reads them, numbered as tokens, token 0 being the CLS
+    # token. The patches come from patchify (section 1) itself; they are returned.
+    import matplotlib.pyplot as plt
+    from matplotlib import patheffects
+    C, H, W = image.shape
+    P = patch_size
+    tiles = patchify(image[None], P)[0].view(-1, C, P, P)         # (N, C, P, P)
+    shown = min(len(tiles), 255)                                  # 1,000 tiles do not read
+    cols = min(shown + 1, max(8, math.ceil(1.6 * math.sqrt(shown + 1))))
+    rows = math.ceil((shown + 1) / cols)
+    fig = plt.figure(figsize=(4 + 0.8 * cols, max(3.2, 0.9 * rows + 0.8)))
+    left, right = fig.subfigures(1, 2, width_ratios=[4, 0.8 * cols])
+    ax = left.subplots()
+    ax.imshow(to_display(image[None])[0], cmap="gray" if C == 1 else None, vmin=0, vmax=255)
+    ax.set_xticks([c - 0.5 for c in range(0, W + 1, P)])          # patch borders
+    ax.set_yticks([r - 0.5 for r in range(0, H + 1, P)])
+    ax.grid(color="white", linewidth=1.5)
+    ax.tick_params(length=0, labelbottom=False, labelleft=False)
+    ax.set_title(f"the image, {H}x{W}, in {P}x{P} patches")
+    for n in range(len(tiles) if len(tiles) <= 100 else 0):       # each patch's token number
+        ax.text((n % (W // P) + 0.5) * P - 0.5, (n // (W // P) + 0.5) * P - 0.5, str(n + 1),
+                ha="center", va="center", color="white", fontsize=8,
+                path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
+    axes = right.subplots(rows, cols, squeeze=False)
+    for t, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if t == 0:                              # the CLS token: learned, no patch of its own
+            ax.imshow(torch.full((P, P), 200).numpy(), cmap="gray", vmin=0, vmax=255)
+            ax.text(P / 2 - 0.5, P / 2 - 0.5, "CLS", ha="center", va="center", fontsize=8)
+            ax.set_title("0", fontsize=8)
+        elif t <= shown:
+            ax.imshow(to_display(tiles[t - 1:t])[0], cmap="gray" if C == 1 else None,
+                      vmin=0, vmax=255)
+            ax.set_title(str(t), fontsize=8)
+    right.suptitle(f"the sequence the Transformer reads: {len(tiles)} patch tokens after the "
+                   f"CLS token" + (f" (the first {shown} shown)" if shown < len(tiles) else ""))
+    save_figure(fig, path, tight=False)
+    return tiles
 
 
 def plot_curves(metrics, path):
@@ -1075,7 +1151,7 @@ def attention_maps(model, images):
     # connections too, so each layer's map is 0.5 * A + 0.5 * I (A averaged over heads,
     # rows renormalised); multiplying the layers' maps gives how much each patch reaches
     # the CLS token at the end. Returns the CLS row of the rollout, (B, N), and the last
-    # layer's CLS attention of each head, (B, Hd, N). Uses the hand-written attention path,
+    # layer's CLS attention of each head, (B, h, N). Uses the hand-written attention path,
     # which keeps the weights.
     fused = [b.attn.fused for b in model.blocks]
     for b in model.blocks:
@@ -1084,13 +1160,13 @@ def attention_maps(model, images):
     model(images)
     for b, f in zip(model.blocks, fused):
         b.attn.fused = f
-    weights = [b.attn.attn_weights.float() for b in model.blocks]   # each (B, Hd, N+1, N+1)
+    weights = [b.attn.attn_weights.float() for b in model.blocks]   # each (B, h, T, T)
     eye = torch.eye(weights[0].size(-1), device=images.device)
     rollout = eye
     for w in weights:
-        a = 0.5 * w.mean(dim=1) + 0.5 * eye                          # (B, N+1, N+1)
+        a = 0.5 * w.mean(dim=1) + 0.5 * eye                          # (B, T, T)
         a = a / a.sum(dim=-1, keepdim=True)
-        rollout = a @ rollout                                         # (B, N+1, N+1)
+        rollout = a @ rollout                                         # (B, T, T)
     return rollout[:, 0, 1:], weights[-1][:, :, 0, 1:]
 
 
@@ -1111,7 +1187,7 @@ def plot_attention(model, images, x, titles, path):
     # and the last layer's CLS attention in each head. Drawn for a spread of test images
     # after training, and for your own images by --predict, titled with the prediction.
     import matplotlib.pyplot as plt
-    rollout, last = attention_maps(model, x)                          # (B, N), (B, Hd, N)
+    rollout, last = attention_maps(model, x)                          # (B, N), (B, h, N)
     heads, size = last.size(1), images.shape[-2:]
     maps = [upsample(rollout, size)] + [upsample(last[:, h], size) for h in range(heads)]
     fig, axes = plt.subplots(len(images), heads + 2, squeeze=False,
@@ -1216,11 +1292,11 @@ def make_figures(model, data, preds, out):
 
 
 # -----------------------------------------------------------------------------------------
-# 11. The training run: the loop, on one screen
+# 12. The training run: the loop, on one screen
 # setup_training builds everything from the configuration (or from a checkpoint, to resume);
 # train_run is the whole of training: for each epoch, train on every batch once, evaluate on
 # the test split, log one line, and save the checkpoint, so that a crash loses at most one
-# epoch. At the end it draws the figures of section 10.
+# epoch. At the end it draws the figures of section 11.
 # -----------------------------------------------------------------------------------------
 def print_model_summary(model, cfg, device, precision, why):
     n_params = sum(p.numel() for p in model.parameters())
@@ -1231,12 +1307,6 @@ def print_model_summary(model, cfg, device, precision, why):
     print(f"device: {device}, attention: {attn}, precision: {precision} ({why})")
 
 
-def format_time(seconds):
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 def print_epoch(m, epochs, n_train, done, elapsed):
     # One line per epoch. Train accuracy is measured on augmented images while the weights
     # still change during the epoch, so it is not comparable to test accuracy point for
@@ -1245,8 +1315,8 @@ def print_epoch(m, epochs, n_train, done, elapsed):
     print(f"epoch {m['epoch']:3d}/{epochs} | train loss {m['train_loss']:.4f} acc "
           f"{100 * m['train_acc']:5.2f}% | test loss {m['test_loss']:.4f} acc "
           f"{100 * m['test_acc']:5.2f}% | lr {m['lr']:.2e} | {n_train / m['seconds']:,.0f} "
-          f"img/s | {format_time(elapsed)} elapsed, {format_time(elapsed / done - elapsed)} "
-          f"left", flush=True)
+          f"img/s | {elapsed / 60:.1f} min, {(elapsed / done - elapsed) / 60:.1f} min left",
+          flush=True)
 
 
 def setup_training(cfg, device, resume, resume_path):
@@ -1279,39 +1349,58 @@ def setup_training(cfg, device, resume, resume_path):
     return data, model, opt, sched, scaler, precision, metrics
 
 
-def train_run(cfg, device, out, new_folder=True, resume=None, resume_path=None):
-    # new_folder: a new run, or a resumed one branching into another folder, claims `out`
-    # first, before any data is loaded (section 9), and gives it back if it ends before its
-    # first checkpoint.
+def train_run(cfg, device, out, resume=None, resume_path=None):
+    data, model, opt, sched, scaler, precision, metrics = setup_training(cfg, device, resume,
+                                                                         resume_path)
+    print(f"run folder: {out}")
+    if not metrics:                             # a new run: show the central idea first
+        plot_patches(data.train_x[0].cpu(), cfg.patch_size, os.path.join(out, "patches.png"))
+        print("one batch through the model:")
+        show_shapes(model.eval(), data.normalize(data.train_x[:cfg.batch_size]))
+    # torch.compile fuses the model's small operations into a few kernels; it costs a
+    # minute of compiling first. The checkpoint saves `model`, the same weights uncompiled.
+    step_model = compile_model(model) if cfg.compile else model
+    start, t_run = len(metrics) + 1, time.time()
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.time()
+        train_loss, train_acc = train_one_epoch(step_model, data, opt, sched, scaler, cfg,
+                                                precision, device, epoch)
+        test_loss, test_acc, preds = evaluate(step_model, data, cfg, precision, device)
+        check_finite(model, train_loss, test_loss, epoch, cfg, out)
+        metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
+                            test_loss=test_loss, test_acc=test_acc,
+                            lr=opt.param_groups[0]["lr"], seconds=time.time() - t0))
+        share = (epoch - start + 1) / (cfg.epochs - start + 1)      # of this session's epochs
+        print_epoch(metrics[-1], cfg.epochs, data.train_x.size(0), share, time.time() - t_run)
+        save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device)
+    plot_curves(metrics, os.path.join(out, "curves.png"))
+    make_figures(model, data, preds, out)
+    print(f"saved {os.path.join(out, 'model.pth')}, checkpoint.pth, metrics.json")
+    print(f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%")
+    return metrics
+
+
+def run_in_folder(cfg, device, out, new_folder=True, resume=None, resume_path=None):
+    # train_run, guarded. A new run (or a resumed one branching into a new folder) claims
+    # `out` before any data is loaded (section 9), and gives it back if it ends before its
+    # first checkpoint. Ctrl-C and a failing torch.compile end in one sentence.
     validate(cfg)
     if new_folder:
         claim_run_folder(out)
-    done = resume["epoch"] if resume else 0
     try:
-        data, model, opt, sched, scaler, precision, metrics = setup_training(cfg, device, resume,
-                                                                             resume_path)
-        print(f"run folder: {out}")
-        # torch.compile fuses the model's small operations into a few kernels; it costs a
-        # minute of compiling first. The checkpoint saves `model`, the same weights uncompiled.
-        step_model = compile_model(model) if cfg.compile else model
-        start, t_run = len(metrics) + 1, time.time()
-        for epoch in range(start, cfg.epochs + 1):
-            t0 = time.time()
-            train_loss, train_acc = train_one_epoch(step_model, data, opt, sched, scaler, cfg,
-                                                    precision, device, epoch)
-            test_loss, test_acc, preds = evaluate(step_model, data, cfg, precision, device)
-            check_finite(model, train_loss, test_loss, epoch, cfg, out)
-            metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
-                                test_loss=test_loss, test_acc=test_acc,
-                                lr=opt.param_groups[0]["lr"], seconds=time.time() - t0))
-            share = (epoch - start + 1) / (cfg.epochs - start + 1)  # of this session's epochs
-            print_epoch(metrics[-1], cfg.epochs, data.train_x.size(0), share, time.time() - t_run)
-            save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device)
-            done = epoch
+        return train_run(cfg, device, out, resume, resume_path)
     except KeyboardInterrupt:                   # Ctrl-C, or a notebook's stop button
-        raise Interrupted(f"interrupted after epoch {done}; resume with `python vit.py --resume "
-                          f"{os.path.join(out, 'checkpoint.pth')}`" if done else
-                          "interrupted before the first epoch ended; nothing was saved") from None
+        ckpt = os.path.join(out, "checkpoint.pth")
+        with open(os.path.join(out, "metrics.json")) as f:
+            done = len(json.load(f))                              # epochs saved
+        if done:
+            message = f"interrupted after epoch {done}; resume with `python vit.py --resume {ckpt}`"
+        elif resume_path:
+            message = (f"interrupted before an epoch ended; resume again with `python vit.py "
+                       f"--resume {resume_path}`")
+        else:
+            message = "interrupted before the first epoch ended; nothing was saved"
+        raise Interrupted(message) from None
     except Exception as e:
         if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise UserError(f"--compile failed ({type(e).__name__}: "
@@ -1321,11 +1410,6 @@ def train_run(cfg, device, out, new_folder=True, resume=None, resume_path=None):
     finally:
         if new_folder and not os.path.exists(os.path.join(out, "checkpoint.pth")):
             release_run_folder(out)
-    plot_curves(metrics, os.path.join(out, "curves.png"))
-    make_figures(model, data, preds, out)
-    print(f"saved {os.path.join(out, 'model.pth')}, checkpoint.pth, metrics.json")
-    print(f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%")
-    return metrics
 
 
 def check_finite(model, train_loss, test_loss, epoch, cfg, out):
@@ -1353,7 +1437,7 @@ def compile_model(model):
 
 
 # -----------------------------------------------------------------------------------------
-# 12. Using a trained model: evaluate it, or classify your own images
+# 13. Using a trained model: evaluate it, or classify your own images
 # At test time a ViT is a function from a normalised image (B, C, H, W) to K logits, one
 # score per class: softmax turns them into probabilities, and the prediction is the largest.
 # No augmentation, no dropout, no gradients. The preprocessing must be the training's own:
@@ -1378,12 +1462,12 @@ def load_model(path, device):
     saved = load_file(path, "model file")
     if "state_dict" not in saved:
         raise UserError(f"{path!r} is a training checkpoint; use the model.pth next to it.")
-    try:
-        cfg = Config(**{k: saved["config"][k] for k in MODEL_KEYS})
-        in_channels = saved["config"]["in_channels"]
-        saved["mean"], saved["std"]
-    except (KeyError, TypeError):
-        raise UserError(f"model file {path!r} was not written by this vit.py.") from None
+    needed = MODEL_KEYS + ("in_channels",)
+    if not (isinstance(saved["config"], dict) and all(k in saved["config"] for k in needed)
+            and "mean" in saved and "std" in saved):
+        raise UserError(f"model file {path!r} was not written by this vit.py.")
+    cfg = Config(**{k: saved["config"][k] for k in MODEL_KEYS})
+    in_channels = saved["config"]["in_channels"]
     if not all(torch.isfinite(w).all() for w in saved["state_dict"].values()):
         raise UserError(f"{path!r} holds weights that are nan or inf: its training diverged, "
                         f"and it cannot classify anything.")
@@ -1426,10 +1510,9 @@ def predict_run(args, device):
         writable_folder(args.out)
     mode = "L" if saved["config"]["in_channels"] == 1 else "RGB"
     images = torch.stack([read_image(p, mode, cfg.image_size) for p in args.predict[1:]])
-    unknown = torch.zeros(len(images), dtype=torch.long)         # no labels: none needed
-    data = Data(images[:0], unknown[:0], images, unknown, saved["classes"], saved["mean"],
-                saved["std"])                                     # only a "test split"
-    x = data.to(device).normalize(data.test_x)                    # (B, C, H, W)
+    images = images.to(device)                                    # (B, C, H, W) uint8
+    mean, std = (torch.tensor(saved[k], device=device).view(1, -1, 1, 1) for k in ("mean", "std"))
+    x = normalize(images, mean, std)                              # (B, C, H, W) float
     probs = model(x).float().softmax(dim=-1)                      # (B, K)
     top_p, top_k = probs.topk(min(3, probs.size(1)), dim=-1)      # (B, 3) each
     tops = []
@@ -1438,13 +1521,13 @@ def predict_run(args, device):
                                                               top_p[i].tolist())])
         print(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in tops[-1]))
     if args.out:
-        titles = [f"predicted: {c[:12]}\n{100 * p:.1f}%" for (c, p), *_ in tops]
-        plot_attention(model, data.test_x, x, titles, os.path.join(args.out, "predicted.png"))
+        titles = [f"predicted: {top[0][0][:12]}\n{100 * top[0][1]:.1f}%" for top in tops]
+        plot_attention(model, images, x, titles, os.path.join(args.out, "predicted.png"))
     return [top[0][0] for top in tops]
 
 
 # -----------------------------------------------------------------------------------------
-# 13. Benchmark: this ViT against torchvision's, same size, same precision, same run
+# 14. Benchmark: this ViT against torchvision's, same size, same precision, same run
 # Machines are noisy, so we report a ratio measured in one run: training steps (forward,
 # backward, AdamW, with the precision policy of section 6) of both models alternate in
 # rounds on the same random batch, and each model's median step time is kept.
@@ -1506,7 +1589,7 @@ def benchmark(cfg, device, rounds=5, steps=3):
 
 
 # -----------------------------------------------------------------------------------------
-# 14. Command line and main()
+# 15. Command line and main()
 # The options are Config's fields (section 5), plus what to do. An option left out is None
 # here, so that a preset can fill it. Every error a user can cause is a UserError and ends
 # as one line on stderr: from a shell with exit status 1; in a notebook, main() returns None
@@ -1600,7 +1683,7 @@ def resume_run(args, device):
     cfg = replace(cfg, **resolved_paths(cfg.dataset, cfg.data_root))
     here = os.path.dirname(os.path.abspath(args.resume))
     out = os.path.abspath(args.out) if args.out else here
-    return train_run(cfg, device, out, out != here, ckpt, args.resume)
+    return run_in_folder(cfg, device, out, out != here, ckpt, args.resume)
 
 
 def main(argv=None):
@@ -1627,7 +1710,7 @@ def main(argv=None):
             return resume_run(args, device)[-1]["test_acc"]
         cfg = resolve_config(args)
         validate(cfg)                             # before a run folder is made for it
-        return train_run(cfg, device, args.out or new_run_folder(cfg))[-1]["test_acc"]
+        return run_in_folder(cfg, device, args.out or new_run_folder(cfg))[-1]["test_acc"]
     except KeyboardInterrupt:                     # outside training: nothing to save
         error = Interrupted("interrupted")
     except UserError as e:
