@@ -515,6 +515,18 @@ def test_resume_extends_a_run_in_its_folder(trained_run, tmp_path):
     assert more[:2] == metrics                       # history kept, not retrained
 
 
+def interrupt_in_epoch(epoch, monkeypatch):
+    """Ctrl-C, as it would arrive during that epoch's evaluation."""
+    real, calls = vit.evaluate, []
+
+    def evaluate(*a, **k):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(vit, "evaluate", evaluate)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_a_crash_keeps_the_last_checkpoint_and_resume_continues_exactly(precision, tmp_path,
                                                                         monkeypatch):
@@ -525,19 +537,11 @@ def test_a_crash_keeps_the_last_checkpoint_and_resume_continues_exactly(precisio
     vit.main(args + ["--out", str(tmp_path / "full")])
     full = read_metrics(tmp_path / "full")
     # The same run, killed during epoch 3's evaluation: epoch 2's checkpoint must survive.
-    real_evaluate, calls = vit.evaluate, []
-
-    def crash_on_third_call(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(vit, "evaluate", crash_on_third_call)
+    interrupt_in_epoch(3, monkeypatch)
     with pytest.raises(SystemExit) as e:
         vit.main(args + ["--out", str(tmp_path / "crashed")])
     assert e.value.code == 130
-    monkeypatch.setattr(vit, "evaluate", real_evaluate)
+    monkeypatch.undo()
     ckpt = torch.load(tmp_path / "crashed" / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2
     assert (precision == "fp16") == ("scale" in ckpt["scaler"])
@@ -1011,17 +1015,10 @@ def test_a_resumed_run_follows_the_schedule_of_its_length(stop_after, epochs, co
     # inside the warmup, one stopped after epoch 2 after it. Resumed with the same or a new
     # --epochs, every step's lr must be the formula's for the new length.
     args = ["--dataset", colors, "--epochs", "4", "--warmup", "0.3", "--lr", "0.01"] + SMALL[2:]
-    real_evaluate, calls = vit.evaluate, []
-
-    def stop(*a, **k):
-        calls.append(1)
-        if len(calls) > stop_after:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-    monkeypatch.setattr(vit, "evaluate", stop)
+    interrupt_in_epoch(stop_after + 1, monkeypatch)
     with pytest.raises(SystemExit):
         vit.main(args + ["--out", str(tmp_path / "first")])
-    monkeypatch.setattr(vit, "evaluate", real_evaluate)
+    monkeypatch.undo()
     lrs = record_lrs(monkeypatch)
     vit.main(["--resume", str(tmp_path / "first" / "checkpoint.pth"), "--epochs", str(epochs),
               "--out", str(tmp_path / "resumed")])
@@ -1364,11 +1361,11 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_is_exact(colors, tmp_path
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 130, err
     assert "Traceback" not in err
-    stopped = read_metrics(out)
-    assert err.strip() == (f"interrupted after epoch {len(stopped)}; resume with `python vit.py "
+    stopped = torch.load(out / "checkpoint.pth", weights_only=True)["epoch"]
+    assert err.strip() == (f"interrupted after epoch {stopped}; resume with `python vit.py "
                            f"--resume {out / 'checkpoint.pth'}`")
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    assert 1 <= len(stopped) < 40
+    assert 1 <= stopped < 40
     vit.main(["--resume", str(out / "checkpoint.pth")])
     resumed = read_metrics(out)
     assert len(resumed) == len(full)
@@ -1380,14 +1377,7 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_is_exact(colors, tmp_path
 def test_ctrl_c_in_a_notebook_prints_the_line_and_returns(colors, tmp_path, capsys,
                                                           monkeypatch):
     monkeypatch.setitem(sys.modules, "ipykernel", sys)
-    real, calls = vit.evaluate, []
-
-    def stop_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(vit, "evaluate", stop_in_epoch_2)
+    interrupt_in_epoch(2, monkeypatch)
     assert vit.main(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL) is None
     assert capsys.readouterr().err.strip().startswith("interrupted after epoch 1; resume with")
 

@@ -1016,8 +1016,11 @@ def load_image_folder(path, image_size):
     if missing:
         raise UserError(f"{path!r} has no {' or '.join(s + '/' for s in missing)} subfolder; an "
                         f"image folder needs train/<class>/... and test/<class>/... images.")
-    (train_files, train_y, classes), (test_files, test_y, test_classes) = (
-        list_split(os.path.join(path, s)) for s in ("train", "test"))
+    try:
+        (train_files, train_y, classes), (test_files, test_y, test_classes) = (
+            list_split(os.path.join(path, s)) for s in ("train", "test"))
+    except OSError as e:                                          # e.g. no permission
+        raise UserError(f"cannot read the image folder {path!r} ({e}).") from None
     if classes != test_classes:
         raise UserError(f"train/ and test/ of {path!r} hold different classes "
                         f"({classes} vs {test_classes}).")
@@ -1391,8 +1394,7 @@ def run_in_folder(cfg, device, out, new_folder=True, resume=None, resume_path=No
         return train_run(cfg, device, out, resume, resume_path)
     except KeyboardInterrupt:                   # Ctrl-C, or a notebook's stop button
         ckpt = os.path.join(out, "checkpoint.pth")
-        with open(os.path.join(out, "metrics.json")) as f:
-            done = len(json.load(f))                              # epochs saved
+        done = torch.load(ckpt, weights_only=True)["epoch"] if os.path.exists(ckpt) else 0
         if done:
             message = f"interrupted after epoch {done}; resume with `python vit.py --resume {ckpt}`"
         elif resume_path:
