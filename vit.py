@@ -973,7 +973,7 @@ def to_8_bits(im):
         return im                                                 # already 8 bits a channel
     x = np.asarray(im, dtype=np.float64)
     scale = 255 / 65535 if im.mode.startswith("I") else 255 if x.max() <= 1 else 1
-    return Image.fromarray((x * scale).round().clip(0, 255).astype(np.uint8), "L")
+    return Image.fromarray((x * scale).round().clip(0, 255).astype(np.uint8))   # mode "L"
 
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")   # Pillow's
@@ -1346,9 +1346,6 @@ def setup_training(cfg, device, resume, resume_path):
     print(f"data: {cfg.dataset}: {data.train_x.size(0):,} train and {data.test_x.size(0):,} test "
           f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes")
     print_model_summary(model, cfg, device, precision, why)
-    if len(metrics) >= cfg.epochs:
-        raise UserError(f"the checkpoint has already finished {len(metrics)} epochs; pass an "
-                        f"--epochs above {len(metrics)} to train further.")
     return data, model, opt, sched, scaler, precision, metrics
 
 
@@ -1626,8 +1623,10 @@ def build_parser():
             p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=text)
     a = p.add_argument
     a("--device", help="cuda, mps or cpu (default: the best available)")
-    a("--out", help="run folder (default: a new folder under runs/)")
-    a("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.pth")
+    a("--out", help="run folder, which must not hold a run yet (default: a new folder under "
+      "runs/); with --resume, the run continues there and its own folder stays as it was")
+    a("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.pth "
+      "(--epochs may change; --dataset/--data-root say where its data is now)")
     a("--eval", metavar="MODEL", help="evaluate a saved model.pth on its test split")
     a("--predict", nargs="+", metavar="FILE", help="a model.pth, then images to classify")
     a("--benchmark", action="store_true",
@@ -1683,6 +1682,9 @@ def resume_run(args, device):
               f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
     cfg = replace(cfg, **{k: getattr(args, k) for k in allowed if getattr(args, k) is not None})
     cfg = replace(cfg, **resolved_paths(cfg.dataset, cfg.data_root))
+    if ckpt["epoch"] >= cfg.epochs:
+        raise UserError(f"the checkpoint has already finished {ckpt['epoch']} epochs; pass an "
+                        f"--epochs above {ckpt['epoch']} to train further.")
     here = os.path.dirname(os.path.abspath(args.resume))
     out = os.path.abspath(args.out) if args.out else here
     return run_in_folder(cfg, device, out, out != here, ckpt, args.resume)
