@@ -1283,6 +1283,34 @@ def test_a_second_process_cannot_claim_a_claimed_run_folder(tmp_path):
         vit.claim_run_folder(str(tmp_path / "run"))
 
 
+def test_a_run_folder_being_written_cannot_be_resumed_by_a_second_process(trained_run,
+                                                                          tmp_path, capsys):
+    # Another process resuming the same run holds the folder's lock: a second resume of it
+    # is refused. (The lock is an OS lock, dropped when its process ends.)
+    pytest.importorskip("fcntl", reason="no flock on Windows")
+    _, out, _ = trained_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, data in file_bytes(out).items():
+        (copy / name).write_bytes(data)
+    here = os.path.dirname(os.path.abspath(__file__))
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, "
+            "fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(copy / ".lock")],
+                              stdout=subprocess.PIPE, text=True, cwd=here)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = file_bytes(copy)
+        fails_with(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3"], capsys,
+                   "another run is writing")
+        assert file_bytes(copy) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    vit.main(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3"])   # lock dropped
+    assert len(read_metrics(copy)) == 3
+
+
 def test_runs_started_in_the_same_second_get_their_own_folders(colors, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261129-120000")

@@ -41,6 +41,7 @@ Shape legend:
 """
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -787,10 +788,31 @@ def claim_run_folder(out):
         f.write("[]\n")                                           # no epoch yet
 
 
+def lock_run_folder(out):
+    # Held while a run (new or resumed) writes its folder, so that two processes never write
+    # one folder at once. The operating system drops the lock when the process ends, however
+    # it ends (a killed Colab session leaves no stale lock). No flock on Windows: there only
+    # the claim above guards the folder.
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock = open(os.path.join(out, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):               # held by another process
+            raise UserError(f"another run is writing {out!r} now; wait for it to end, or "
+                            f"choose another --out.") from None
+        return None                                               # a file system without locks
+    return lock
+
+
 def release_run_folder(out):
     # A run that ends before its first checkpoint leaves nothing worth keeping: give the
     # folder back, so that the same command can be run again.
-    for name in ("metrics.json", "patches.png"):                  # written before epoch 1
+    for name in ("metrics.json", "patches.png", ".lock"):         # written before epoch 1
         with contextlib.suppress(OSError):
             os.remove(os.path.join(out, name))
     with contextlib.suppress(OSError):
@@ -1387,7 +1409,9 @@ def run_in_folder(cfg, device, out, new_folder=True, resume=None, resume_path=No
     validate(cfg)
     if new_folder:
         claim_run_folder(out)
+    lock = None
     try:
+        lock = lock_run_folder(out)
         return train_run(cfg, device, out, resume, resume_path)
     except KeyboardInterrupt:                   # Ctrl-C, or a notebook's stop button
         ckpt = os.path.join(out, "checkpoint.pth")
@@ -1407,6 +1431,8 @@ def run_in_folder(cfg, device, out, new_folder=True, resume=None, resume_path=No
                 from None
         raise
     finally:
+        if lock:
+            lock.close()                                          # and so unlocked
         if new_folder and not os.path.exists(os.path.join(out, "checkpoint.pth")):
             release_run_folder(out)
 
