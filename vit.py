@@ -108,9 +108,9 @@ class PatchEmbed(nn.Module):
 # -----------------------------------------------------------------------------------------
 # 2. Multi-head self-attention
 #   attention(q, k, v) = softmax(q k^T / sqrt(d_h)) v, in h heads of width d_h = D / h
-# One Linear(D, 3D) computes Q, K and V together; its rows are laid out [Q; K; V] like
-# nn.MultiheadAttention.in_proj_weight, so weights map one to one. Every patch attends to
-# every patch (no mask: all images have the same number of patches).
+# One Linear(D, 3D) computes q, k and v together; its rows are laid out [W_q; W_k; W_v] like
+# nn.MultiheadAttention.in_proj_weight, so weights map one to one. Every token attends to
+# every token (no mask: all images have the same number of patches).
 # Two paths give the same numbers:
 #   fused=False: the hand-written reference below, which also keeps the attention weights
 #                for the attention maps;
@@ -197,7 +197,7 @@ class Block(nn.Module):
 # so what it holds after the last block is whatever it gathered from the patches through
 # attention: a summary of the image, which the head classifies. (Averaging the patch tokens,
 # pool="mean", is the common alternative; in the README's runs it changed little.)
-# Position embedding: attention is blind to order, so each of the N + 1 positions gets a
+# Position embedding: attention is blind to order, so each of the T = N + 1 positions gets a
 # learned vector added to its token. Unlike the Transformer's fixed sinusoids, ViT learns
 # them; after training, neighbouring patches end up with similar embeddings (pos_embed.png).
 # Parameter names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed,
@@ -584,8 +584,8 @@ def augment(x, pad, flip):
 #      first). In fp16 the loss is first multiplied by a large scale (2^16 to start): the
 #      gradients are multiplied too, and small ones no longer underflow fp16 to zero.
 #   3. unscale: divide the gradients by that scale again, before anything reads them.
-#   4. clip: if the global gradient norm exceeds 1.0, shrink all gradients in proportion, so
-#      one unlucky batch early in training cannot throw the weights far.
+#   4. clip: if the global gradient norm exceeds 1.0 (--clip-grad; 0: never), shrink all
+#      gradients in proportion, so one unlucky batch cannot throw the weights far.
 #   5. optimizer step (AdamW). In fp16 the scaler skips it if any gradient overflowed to inf
 #      or NaN, and halves its scale; after 2000 clean steps it doubles it again.
 #   6. scheduler step: the learning rate for the next step. It steps on skipped steps too:
@@ -740,7 +740,9 @@ def evaluate(model, data, cfg, precision, device):
 # the metrics and configuration so far.
 # Both are written to a temporary file and renamed, so a crash mid-write never leaves a
 # half-written file. Both are loaded with weights_only=True: the unpickler then accepts only
-# tensors and plain containers, so a booby-trapped file cannot run code.
+# tensors and plain containers, so a booby-trapped file cannot run code. A run folder holds
+# one run: a new run never writes into a folder that holds one, and a run locks its folder
+# while it writes, so finished work is never overwritten.
 # -----------------------------------------------------------------------------------------
 def write_atomically(path, write):
     # write(tmp) writes the file under a temporary name; only a complete file is renamed to
