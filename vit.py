@@ -1319,10 +1319,10 @@ def make_figures(model, data, preds, out):
 
 
 # -----------------------------------------------------------------------------------------
-# 12. The training run: the loop, on one screen
-# setup_training builds everything from the configuration (or from a checkpoint, to resume);
-# train_run is the whole of training: for each epoch, train on every batch once, evaluate on
-# the test split, log one line, and save the checkpoint, so that a crash loses at most one
+# 12. The training run: set-up and the loop, on one screen
+# train_run is the whole of training: it builds everything from the configuration (or from
+# a checkpoint, to resume); then for each epoch it trains on every batch once, evaluates on
+# the test split, logs one line, and saves the checkpoint, so that a crash loses at most one
 # epoch. At the end it draws the figures of section 11.
 # -----------------------------------------------------------------------------------------
 def print_model_summary(model, cfg, device, precision, why):
@@ -1346,11 +1346,11 @@ def print_epoch(m, epochs, n_train, done, elapsed):
           flush=True)
 
 
-def setup_training(cfg, device, resume, resume_path):
-    # Everything the loop needs: data on the device, model, optimizer, schedule, scaler, and
-    # the metrics so far (none, or the checkpoint's). The order matters: the seed is set
-    # before the model is built, so the same seed gives the same initial weights; the model
-    # moves to the device before the optimizer is built, so that AdamW's state lives there.
+def train_run(cfg, device, out, resume=None, resume_path=None):
+    # First everything the loop needs: data on the device, model, optimizer, schedule,
+    # scaler, and the metrics so far (none, or the checkpoint's). The order matters: the seed
+    # is set before the model is built, so the same seed gives the same initial weights; the
+    # model moves to the device before the optimizer is built, so AdamW's state lives there.
     torch.manual_seed(cfg.seed)
     data = load_data(cfg)
     cfg.image_size = data.train_x.size(-1)            # resolved now, and saved with the run
@@ -1362,20 +1362,12 @@ def setup_training(cfg, device, resume, resume_path):
     opt, sched = build_optimizer(model, cfg, steps)
     precision, why = choose_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    metrics = []
-    if resume is not None:
-        metrics = restore(resume, resume_path, cfg, data, model, opt, sched, scaler, steps,
-                          device)
+    metrics = restore(resume, resume_path, cfg, data, model, opt, sched, scaler, steps,
+                      device) if resume else []
     print(f"config: {asdict(cfg)}")
     print(f"data: {cfg.dataset}: {data.train_x.size(0):,} train and {data.test_x.size(0):,} test "
           f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes")
     print_model_summary(model, cfg, device, precision, why)
-    return data, model, opt, sched, scaler, precision, metrics
-
-
-def train_run(cfg, device, out, resume=None, resume_path=None):
-    data, model, opt, sched, scaler, precision, metrics = setup_training(cfg, device, resume,
-                                                                         resume_path)
     print(f"run folder: {out}")
     if not metrics:                             # a new run: show the central idea first
         plot_patches(data.train_x[0].cpu(), cfg.patch_size, os.path.join(out, "patches.png"))
@@ -1542,15 +1534,14 @@ def predict_run(args, device):
     x = normalize(images, mean, std)                              # (B, C, H, W) float
     probs = model(x).float().softmax(dim=-1)                      # (B, K)
     top_p, top_k = probs.topk(min(3, probs.size(1)), dim=-1)      # (B, 3) each
-    tops = []
-    for i, path in enumerate(args.predict[1:]):
-        tops.append([(saved["classes"][k], p) for k, p in zip(top_k[i].tolist(),
-                                                              top_p[i].tolist())])
-        print(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in tops[-1]))
+    names = [[saved["classes"][k] for k in row] for row in top_k.tolist()]   # (B, 3)
+    for path, row, p in zip(args.predict[1:], names, top_p.tolist()):
+        print(f"{path}: " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in zip(row, p)))
     if args.out:
-        titles = [f"predicted: {top[0][0][:12]}\n{100 * top[0][1]:.1f}%" for top in tops]
+        titles = [f"predicted: {row[0][:12]}\n{100 * p[0]:.1f}%" for row, p in
+                  zip(names, top_p.tolist())]
         plot_attention(model, images, x, titles, os.path.join(args.out, "predicted.png"))
-    return [top[0][0] for top in tops]
+    return [row[0] for row in names]
 
 
 # -----------------------------------------------------------------------------------------
