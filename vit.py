@@ -51,6 +51,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
@@ -1055,20 +1056,20 @@ def load_image_folder(path, image_size):
     if empty or not test_files:
         raise UserError(f"{path!r} has no images in " + (f"train/{empty[0]}/" if empty else
                         "test/") + f" (image files end in {', '.join(IMG_EXTENSIONS)}).")
-    modes, shapes, bad = set(), {}, []
+    modes, shapes, bad = set(), Counter(), []
     for file in train_files + test_files:
         try:
             with Image.open(file) as im:                          # reads the header only
                 modes.add(im.mode)
-                shapes[im.size] = shapes.get(im.size, 0) + 1      # (width, height)
+                shapes[im.size] += 1                              # (width, height)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             bad.append(file)
     refuse_unreadable(bad)
     mode = "L" if modes <= set(GRAY_MODES) else "RGB"
-    sides = {}
+    sides = Counter()
     for shape, n in shapes.items():
-        sides[min(shape)] = sides.get(min(shape), 0) + n
-    size = image_size or max(sides, key=sides.get)                # the commonest shorter side
+        sides[min(shape)] += n
+    size = image_size or sides.most_common(1)[0][0]               # the commonest shorter side
     splits = []
     for files, y in ((train_files, train_y), (test_files, test_y)):
         x = torch.empty(len(files), 1 if mode == "L" else 3, size, size, dtype=torch.uint8)
