@@ -596,10 +596,18 @@ def colors(tmp_path_factory):
     (["--crop-pad", "-1"], ["--crop-pad must not be negative"]),
     (["--preset", "huge"], ["invalid choice", "huge"]),
     (["--precision", "fp8"], ["invalid choice", "fp8"]),
+    (["--lr", "nan"], ["--lr must be a finite number"]),
+    (["--lr", "inf"], ["--lr must be a finite number"]),
+    (["--clip-grad", "nan"], ["--clip-grad must be a finite number"]),
+    (["--weight-decay", "nan"], ["--weight-decay must be a finite number"]),
+    (["--warmup", "nan"], ["--warmup must be a finite number"]),
+    (["--lr", "3000"], ["--lr must be at most 1"]),
+    (["--lr", "0.5", "--weight-decay", "2"], ["times --weight-decay", "below 1"]),
 ])
 def test_bad_options_exit_with_a_message(flags, words, colors, capsys, tmp_path):
     fails_with(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL + flags, capsys,
                *words)
+    assert not (tmp_path / "run").exists()                   # no run folder is left behind
 
 
 def test_unknown_dataset_name(capsys):
@@ -822,7 +830,8 @@ def test_a_skipped_fp16_step_keeps_the_schedule(monkeypatch):
         for _ in range(2):
             vit.train_step(model, x, y, opt, sched, scaler, cfg, "fp16", torch.device("cpu"))
     assert not [w for w in caught if "lr_scheduler" in str(w.message)], caught
-    vit.step_schedule(reference, 2)
+    for _ in range(2):
+        vit.step_schedule(reference)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # skipped
     assert scaler.get_scale() == 2.0 ** 125                         # halved twice
     assert sched.get_last_lr() == reference.get_last_lr()
@@ -922,21 +931,6 @@ def strict_json(path):
         return json.load(f, parse_constant=refuse)
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--lr", "nan"], ["--lr must be a finite number"]),
-    (["--lr", "inf"], ["--lr must be a finite number"]),
-    (["--clip-grad", "nan"], ["--clip-grad must be a finite number"]),
-    (["--weight-decay", "nan"], ["--weight-decay must be a finite number"]),
-    (["--warmup", "nan"], ["--warmup must be a finite number"]),
-    (["--lr", "3000"], ["--lr must be at most 1"]),
-    (["--lr", "0.5", "--weight-decay", "2"], ["times --weight-decay", "below 1"]),
-])
-def test_non_finite_options_are_refused(flags, words, colors, capsys, tmp_path):
-    fails_with(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL + flags, capsys,
-               *words)
-    assert not (tmp_path / "run").exists()                   # refused before a folder is made
-
-
 def test_a_diverging_run_stops_with_one_sentence_and_writes_no_nan(colors, tmp_path, capsys,
                                                                    monkeypatch):
     # After the first step the weights are nan, as after a step far too large: the loss of
@@ -979,6 +973,12 @@ def test_divergence_keeps_the_last_good_checkpoint(colors, tmp_path, capsys, mon
     saved = torch.load(out / "model.pth", weights_only=True)
     assert all(torch.isfinite(w).all() for w in saved["state_dict"].values())
     assert [m["epoch"] for m in strict_json(out / "metrics.json")] == [1]
+    # The same divergence in a resumed run branched into a new folder: that folder has no
+    # checkpoint to keep (the message must not claim one), and the original is untouched.
+    before = file_bytes(out)
+    fails_with(["--resume", str(out / "checkpoint.pth"), "--out", str(tmp_path / "branch")],
+               capsys, "diverged in epoch 2", "no checkpoint was written in")
+    assert file_bytes(out) == before and not (tmp_path / "branch").exists()
 
 
 def test_eval_and_predict_refuse_a_diverged_model(trained_run, tmp_path, capsys):

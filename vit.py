@@ -535,7 +535,7 @@ def load_data(cfg):
     # Both splits as uint8 tensors on the CPU, the class names, and the training split's
     # statistics; the caller moves it all to the device (Data.to).
     name = cfg.dataset.lower()
-    if name in ("cifar10", "fashionmnist"):
+    if name in KNOWN_SIZES:                                       # torchvision's
         splits, classes = load_torchvision(name, cfg.data_root)
     elif os.path.isdir(cfg.dataset):
         splits, classes = load_image_folder(cfg.dataset, cfg.image_size)
@@ -642,13 +642,12 @@ def lr_factor(step, warmup, total):
     return 0.5 * (1 + math.cos(math.pi * progress))               # half a cosine, to 0
 
 
-def step_schedule(sched, steps=1):
+def step_schedule(sched):
     # PyTorch warns when the schedule steps while the optimizer did not (a step the fp16
     # scaler skipped, or the first step of a resumed run); here that is meant.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-        for _ in range(steps):
-            sched.step()
+        sched.step()
 
 
 def train_step(model, x, y, opt, sched, scaler, cfg, precision, device):
@@ -696,10 +695,11 @@ def train_one_epoch(model, data, opt, sched, scaler, cfg, precision, device, epo
         loss_sum += loss.detach() * y.size(0)
         correct += (logits.argmax(dim=1) == y).sum()
         if (step + 1) % show_every == 0 and step + 1 < steps:
-            if not math.isfinite(loss.item()):
+            value = loss.item()
+            if not math.isfinite(value):
                 return math.nan, math.nan                         # diverged: train_run stops
             rate = (step + 1) * bs / (time.time() - t0)
-            msg = f"  epoch {epoch} [{step + 1}/{steps}] loss {loss.item():.3f} {rate:,.0f} img/s"
+            msg = f"  epoch {epoch} [{step + 1}/{steps}] loss {value:.3f} {rate:,.0f} img/s"
             print("\r" + msg if live else msg, end="" if live else "\n", flush=True)
     if live:
         print("\r" + " " * 60 + "\r", end="")
@@ -767,14 +767,21 @@ def atomic_save(obj, path):
     write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
+def writable_folder(path):
+    # Made and tried before any data is read: a typo in --out costs a second, not a run.
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"cannot write in the folder {path!r} ({e.strerror or e}).") from None
+    return path
+
+
 def claim_run_folder(out):
     # A run folder holds one run. A new run claims its folder by creating metrics.json with
     # O_EXCL, which fails if the file exists: of two runs aimed at one folder, exactly one
     # gets it, and a folder that holds a run (even a finished one) is never written over.
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {out!r} ({e.strerror or e}).") from None
+    writable_folder(out)
     ckpt = os.path.join(out, "checkpoint.pth")
     try:
         if os.path.exists(ckpt) or os.path.exists(os.path.join(out, "model.pth")):
@@ -810,6 +817,12 @@ def lock_run_folder(out):
                             f"choose another --out.") from None
         return None                                               # a file system without locks
     return lock
+
+
+def saved_epoch(out):
+    # The epoch of the checkpoint in `out`, 0 if none: what a stopped run has kept.
+    ckpt = os.path.join(out, "checkpoint.pth")
+    return torch.load(ckpt, weights_only=True)["epoch"] if os.path.exists(ckpt) else 0
 
 
 def release_run_folder(out):
@@ -1001,7 +1014,7 @@ def to_8_bits(im):
     return Image.fromarray((x * scale).round().clip(0, 255).astype(np.uint8))   # mode "L"
 
 
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")   # Pillow's
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}   # Pillow's
 
 
 def list_split(folder):
@@ -1065,7 +1078,7 @@ def load_image_folder(path, image_size):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             bad.append(file)
     refuse_unreadable(bad)
-    mode = "L" if modes <= set(GRAY_MODES) else "RGB"
+    mode = "L" if modes <= GRAY_MODES else "RGB"
     sides = Counter()
     for shape, n in shapes.items():
         sides[min(shape)] += n
@@ -1409,10 +1422,10 @@ def run_in_folder(cfg, device, out, new_folder=True, resume=None, resume_path=No
         lock = lock_run_folder(out)
         return train_run(cfg, device, out, resume, resume_path)
     except KeyboardInterrupt:                   # Ctrl-C, or a notebook's stop button
-        ckpt = os.path.join(out, "checkpoint.pth")
-        done = torch.load(ckpt, weights_only=True)["epoch"] if os.path.exists(ckpt) else 0
+        done = saved_epoch(out)
         if done:
-            message = f"interrupted after epoch {done}; resume with `python vit.py --resume {ckpt}`"
+            message = (f"interrupted after epoch {done}; resume with `python vit.py --resume "
+                       f"{os.path.join(out, 'checkpoint.pth')}`")
         elif resume_path:
             message = (f"interrupted before an epoch ended; resume again with `python vit.py "
                        f"--resume {resume_path}`")
@@ -1439,8 +1452,9 @@ def check_finite(model, train_loss, test_loss, epoch, cfg, out):
     weights_ok = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
     if math.isfinite(train_loss) and math.isfinite(test_loss) and weights_ok:
         return
-    kept = (f"the checkpoint of epoch {epoch - 1} in {out} is kept" if epoch > 1 else
-            "no checkpoint was written")
+    saved = saved_epoch(out)                  # a run branched by --resume --out may have none
+    kept = (f"the checkpoint of epoch {saved} in {out} is kept" if saved else
+            f"no checkpoint was written in {out}")
     raise UserError(f"training diverged in epoch {epoch} (the loss became "
                     f"{train_loss if not math.isfinite(train_loss) else test_loss}); {kept}; "
                     f"try a lower --lr than {cfg.lr}.")
@@ -1467,16 +1481,6 @@ def compile_model(model):
 #   --predict MODEL IMAGE...:  the top 3 classes of each image; with --out, each image with
 #                              its attention rollout (section 11) and the predicted label.
 # -----------------------------------------------------------------------------------------
-def writable_folder(path):
-    # Made and tried before any data is read: a typo in --out costs a second, not a run.
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise UserError(f"cannot write in the folder {path!r} ({e.strerror or e}).") from None
-    return path
-
-
 def load_model(path, device):
     # Rebuild the architecture from the saved configuration, then fill in the weights.
     saved = load_file(path, "model file")
