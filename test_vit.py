@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -415,17 +416,26 @@ def test_a_tiny_batch_can_be_overfit():
     assert (model(x).argmax(1) == y).all() and loss.item() < 0.1
 
 
-def test_augment_crops_and_flips_without_changing_pixels():
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
-    torch.manual_seed(0)
-    out = vit.augment(x, pad=0, flip=True)
-    for i in range(2):
-        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
-    crops = vit.augment(x.repeat(50, 1, 1, 1), pad=1, flip=False)   # every crop is a shift
-    shifts = {(dy, dx) for dy in range(3) for dx in range(3)}
-    padded = nn.functional.pad(x[0], (1, 1, 1, 1))
-    for c in crops[::2]:
-        assert any(torch.equal(c, padded[:, dy:dy + 4, dx:dx + 4]) for dy, dx in shifts)
+def test_augment_crops_and_flips_exactly_as_drawn():
+    # Each image is the window at its drawn shift of the zero-padded image, mirrored where
+    # its coin says so; and epoch_plan draws every shift and both sides of the coin.
+    x = torch.arange(6 * 1 * 4 * 4, dtype=torch.uint8).view(6, 1, 4, 4)
+    cfg = vit.Config(crop_pad=1)
+    order, pad, shift, mirror = vit.epoch_plan(6, cfg, epoch=1, device=torch.device("cpu"))
+    out = vit.augment(x, pad, shift, mirror)
+    padded = nn.functional.pad(x, (1, 1, 1, 1))
+    for i, ((dy, dx), m) in enumerate(zip(shift.tolist(), mirror.tolist())):
+        window = padded[i, :, dy:dy + 4, dx:dx + 4]
+        assert torch.equal(out[i], window.flip(-1) if m else window)
+    assert sorted(order.tolist()) == list(range(6))
+    _, _, shift, mirror = vit.epoch_plan(500, cfg, epoch=1, device=torch.device("cpu"))
+    assert {tuple(s) for s in shift.tolist()} == {(a, b) for a in range(3) for b in range(3)}
+    assert 200 < mirror.sum() < 300
+    assert vit.epoch_plan(500, replace(cfg, flip=False), 1, torch.device("cpu"))[3] is None
+    # the same (seed, epoch) draws the same plan; another epoch another
+    again = vit.epoch_plan(500, cfg, epoch=1, device=torch.device("cpu"))
+    other = vit.epoch_plan(500, cfg, epoch=2, device=torch.device("cpu"))
+    assert torch.equal(again[2], shift) and not torch.equal(other[2], shift)
 
 
 # ------------------------------------------------------------------------------------------
@@ -874,7 +884,7 @@ def test_predict_agrees_with_eval_on_test_images(trained_run, tmp_path, capsys):
     lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("saved ")]
     # --eval's path: the image folder decoded, normalised with the saved statistics, evaluated
     model, cfg, saved = vit.load_model(model_pth, torch.device("cpu"))
-    data = vit.load_data(replace_dataset(cfg, folder))
+    data = vit.load_data(replace_dataset(cfg, folder), torch.device("cpu"))
     data.mean, data.std = saved["mean"], saved["std"]
     _, _, preds = vit.evaluate(model, data.to("cpu"), cfg, "fp32", torch.device("cpu"))
     assert labels[:-1] == [data.classes[p] for p in preds.tolist()]
@@ -1141,7 +1151,7 @@ def test_an_image_folder_is_read_from_all_its_files_not_its_first(tmp_path, caps
     sideways.save(a / "04-phone.jpg", exif=exif, quality=95)
     (a / "._00-gray.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     save_rgb(str(root / "train" / ".ipynb_checkpoints" / "x.png"), (0, 0, 0))
-    data = vit.load_data(vit.Config(dataset=str(root)))
+    data = vit.load_data(vit.Config(dataset=str(root)), torch.device("cpu"))
     assert data.classes == ["a", "b"]
     assert data.train_x.shape == (13, 3, 16, 16) and data.test_x.shape == (8, 3, 16, 16)
     x = {f: data.train_x[i] for i, f in enumerate(sorted(os.listdir(a)) [1:])}   # no ._ file

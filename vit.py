@@ -25,14 +25,14 @@ Papers:
   Vaswani et al. 2017, "Attention Is All You Need", https://arxiv.org/abs/1706.03762
 
 Sections (each a banner "# N. Title" below; test_vit.py checks that the two lists agree):
-  1. Patches                        9. Checkpoints and run folders
-  2. Multi-head self-attention     10. Data files
-  3. MLP and the encoder block     11. Figures
-  4. The ViT                       12. The training run
-  5. Configuration and presets     13. Using a trained model
-  6. Device and precision          14. Benchmark
-  7. Data                          15. Command line and main()
-  8. Training
+  1. Patches                        9. Many devices
+  2. Multi-head self-attention     10. Checkpoints and run folders
+  3. MLP and the encoder block     11. Data files
+  4. The ViT                       12. Figures
+  5. Configuration and presets     13. The training run
+  6. Device and precision          14. Using a trained model
+  7. Data                          15. Benchmark
+  8. Training                      16. Command line and main()
 
 Shape legend:
   B batch, C channels, H, W image height and width, P patch size, N = (H/P)(W/P) patches,
@@ -42,6 +42,7 @@ Shape legend:
 import argparse
 import contextlib
 import errno
+import gc
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -287,7 +289,7 @@ def show_shapes(model, images):
 
 # -----------------------------------------------------------------------------------------
 # 5. Configuration and presets
-# Every option lives in one dataclass; the command line (section 15) is generated from it.
+# Every option lives in one dataclass; the command line (section 16) is generated from it.
 # A preset is a named bundle of defaults; an option given explicitly always wins over it.
 #   default: CIFAR-10 on a GPU, 30 epochs.
 #   cpu:     FashionMNIST on a laptop CPU in about 5 minutes: 7x7 patches (16 tokens, cheap
@@ -326,6 +328,7 @@ class Config:
     precision: str = "auto"         # auto, bf16, fp16 or fp32 (section 6)
     attn: str = "auto"              # auto, fused or manual (section 2)
     compile: bool = False
+    data: str = "auto"              # auto, device or stream (section 7)
 
 
 PRESETS = {
@@ -337,7 +340,7 @@ PRESETS = {
 KNOWN_SIZES = {"cifar10": 32, "fashionmnist": 28}          # known before any download
 MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "dropout", "pool")
 CHOICES = {"pool": ("cls", "mean"), "precision": ("auto", "bf16", "fp16", "fp32"),
-           "attn": ("auto", "fused", "manual")}
+           "attn": ("auto", "fused", "manual"), "data": ("auto", "device", "stream")}
 
 
 def validate(cfg):
@@ -364,6 +367,11 @@ def validate(cfg):
     if cfg.dim % cfg.heads != 0:
         raise UserError(f"dim {cfg.dim} is not divisible by heads {cfg.heads}; every head must "
                         f"get an equal share of the width.")
+    if cfg.batch_size < world_size():
+        raise bad("batch_size", f"be at least the number of processes, {world_size()}")
+    if cfg.data == "stream" and cfg.dataset.lower() in KNOWN_SIZES:
+        raise UserError(f"--data stream reads an image folder from disk; {cfg.dataset} is read "
+                        f"whole by torchvision and kept in memory.")
     size = cfg.image_size or KNOWN_SIZES.get(cfg.dataset.lower(), 0)   # 0: a folder, unknown
     if size % cfg.patch_size != 0:
         raise UserError(f"image size {size} is not divisible by patch size {cfg.patch_size}; "
@@ -475,12 +483,15 @@ def autocast(precision, device):
 
 
 # -----------------------------------------------------------------------------------------
-# 7. Data: kept on the device as uint8
+# 7. Data: kept on the device as uint8, or streamed from disk
 # Why on the device: a DataLoader decodes and augments each batch on the CPU and copies it
 # to the GPU. For a model this small the GPU finishes a step sooner than a Colab CPU can
 # prepare the next batch, so the GPU would wait. CIFAR-10 is only 184 MB as uint8: decoded
 # once, it fits on any GPU, and cropping and flipping a batch there as tensor operations
-# costs next to nothing. (A data set too big for the device memory would need a DataLoader.)
+# costs next to nothing. A folder too big for that (ImageNet-100 at 224 px is 20 GB) is
+# streamed instead: a DataLoader's worker processes read each batch's files from disk while
+# the device trains on the previous batch (section 11). Either way the batches hold the same
+# images in the same order, and are augmented on the device in the same way.
 # Training batches are augmented: a random crop from a zero-padded copy (the object may sit
 # anywhere, and a ViT, unlike a CNN, must learn from examples that a shifted cat is a cat)
 # and a random horizontal flip. The test split is never augmented: it measures the model on
@@ -489,9 +500,9 @@ def autocast(precision, device):
 # -----------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    train_x: torch.Tensor          # (n_train, C, H, W) uint8
+    train_x: object                # (n_train, C, H, W) uint8 tensor, or ImageFiles (on disk)
     train_y: torch.Tensor          # (n_train,) int64
-    test_x: torch.Tensor
+    test_x: object
     test_y: torch.Tensor
     classes: list
     mean: list                     # per channel, in [0, 1]
@@ -499,7 +510,8 @@ class Data:
 
     def to(self, device):
         for name in ("train_x", "train_y", "test_x", "test_y"):
-            setattr(self, name, getattr(self, name).to(device))   # once, for the whole run
+            if isinstance(getattr(self, name), torch.Tensor):     # files stay on disk
+                setattr(self, name, getattr(self, name).to(device))   # once, for the run
         # Kept on the device once: a tensor built from a list at every step would be a
         # host-to-device copy (and a wait) at every step.
         self.mean_t = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
@@ -515,62 +527,119 @@ def normalize(x, mean, std):
     return (x.float() / 255 - mean) / std
 
 
-def channel_stats(x):
-    # Mean and std of each channel over the whole training split. Normalising with them puts
-    # every input channel at zero mean and unit variance, the scale the initial weights
-    # (section 4) were chosen for. Sums of integers are exact; chunks bound the memory.
-    total = torch.zeros(x.size(1), dtype=torch.int64)
-    total_sq = torch.zeros(x.size(1), dtype=torch.int64)
-    for chunk in x.split(256):
+def channel_stats(chunks, channels, n_pixels):
+    # Mean and std of each channel over the whole training split, from its images in chunks
+    # (B, C, H, W) uint8. Normalising with them puts every input channel at zero mean and
+    # unit variance, the scale the initial weights (section 4) were chosen for. Sums of
+    # integers are exact, in any order and over any number of processes (section 9).
+    total = torch.zeros(channels, dtype=torch.int64)              # (C,)
+    total_sq = torch.zeros(channels, dtype=torch.int64)
+    for chunk, _ in chunks:
         c = chunk.long()                                          # (b, C, H, W)
         total += c.sum(dim=(0, 2, 3))
         total_sq += (c * c).sum(dim=(0, 2, 3))
-    n = x.size(0) * x.size(2) * x.size(3)
-    mean = total.double() / n / 255
-    std = (total_sq.double() / n / 255 ** 2 - mean ** 2).clamp_min(1e-12).sqrt()  # E[x^2]-E[x]^2
-    return mean.tolist(), std.tolist()
+    all_sum(total), all_sum(total_sq)
+    mean = total.double() / n_pixels / 255
+    std = (total_sq.double() / n_pixels / 255 ** 2 - mean ** 2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()                            # std: E[x^2] - E[x]^2
 
 
-def load_data(cfg):
-    # Both splits as uint8 tensors on the CPU, the class names, and the training split's
-    # statistics; the caller moves it all to the device (Data.to).
+def load_data(cfg, device):
+    # Both splits as uint8 tensors on the CPU (or, streamed, as files), the class names, and
+    # the training split's statistics; the caller moves the tensors to the device (Data.to).
     name = cfg.dataset.lower()
     if name in KNOWN_SIZES:                                       # torchvision's
-        splits, classes = load_torchvision(name, cfg.data_root)
+        splits, classes = load_torchvision(name, cfg, device)
     elif os.path.isdir(cfg.dataset):
-        splits, classes = load_image_folder(cfg.dataset, cfg.image_size)
+        splits, classes = together(lambda: load_image_folder(cfg, device))
     else:
         raise UserError(f"unknown dataset {cfg.dataset!r}: use cifar10, fashionmnist, or the "
                         f"path of a folder with train/ and test/ subfolders.")
     train_x, train_y, test_x, test_y = splits                     # (n, C, H, W) and (n,)
-    if cfg.image_size and train_x.size(-1) != cfg.image_size:
-        # torchvision's sets come in one size; resize them once if another was asked for
-        train_x, test_x = (F.interpolate(x.float(), size=cfg.image_size, mode="bilinear",
-                                         antialias=True).round().clamp(0, 255).to(torch.uint8)
-                           for x in (train_x, test_x))
-    mean, std = channel_stats(train_x)
+    n, C, H, W = train_x.shape
+    lo, hi = my_share(0, n)                       # under torchrun, each process a share
+    chunks = [(i, min(i + 256, hi)) for i in range(lo, hi, 256)]  # 256 images at a time
+    mean, std = channel_stats(batches(train_x, train_y, chunks), C, n * H * W)
     return Data(train_x, train_y.long(), test_x, test_y.long(), classes, mean, std)
 
 
-def augment(x, pad, flip):
+def keep_on_device(what, n_images, shape, cfg, device, streamable=True):
+    # Before any pixel is read: the data set's size as uint8 against the free memory of the
+    # device (and of the RAM it is read into on the way, shared by this machine's processes).
+    # Kept on the device if it takes at most half of it, which leaves room for the model,
+    # the activations and the rest of the machine; else streamed. --data overrides.
+    need = n_images * math.prod(shape) / 1e9                      # GB
+    free = free_memory(device)
+    fits = free is None or need <= free / 2e9
+    have = "free memory unknown" if free is None else f"{free / 1e9:.1f} GB free"
+    if not fits and (cfg.data == "device" or not streamable):
+        raise UserError(f"{what} is {need:.2f} GB as uint8, more than half of the {have} on "
+                        f"{device}; " + ("use --data stream (or auto) to read it from disk."
+                                         if streamable else "use a smaller --image-size."))
+    keep = not streamable or cfg.data == "device" or (cfg.data == "auto" and fits)
+    print(f"data: {what}, {need:.2f} GB as uint8, {have} on {device}: " +
+          ("kept on the device" if keep else "streamed from disk") + f" (--data {cfg.data})")
+    return keep
+
+
+def free_memory(device):
+    # Bytes free on a GPU, or in RAM (Linux's MemAvailable, shared by the processes of a
+    # torchrun node): whichever is less. None where RAM cannot be read (macOS, Windows).
+    ram = None
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/meminfo") as f:
+            kb = next(line for line in f if line.startswith("MemAvailable:")).split()[1]
+            ram = int(kb) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type == "cuda":
+        gpu = torch.cuda.mem_get_info(device)[0]
+        return gpu if ram is None else min(gpu, ram)
+    return ram
+
+
+def batches(x, y, spans, order=None):
+    # The images (uint8, on the device) and labels of each span [a, b) of `order` (None: the
+    # stored order). Kept on the device: indexing. Streamed: a DataLoader reads the same
+    # images from disk, in the same order (section 11).
+    order = torch.arange(len(y)) if order is None else order
+    where = order.to(y.device)                                    # once, not at every step
+    if isinstance(x, torch.Tensor):
+        images = (x[where[a:b]] for a, b in spans)
+    else:
+        images = stream(x, [order[a:b].tolist() for a, b in spans], y.device)
+    for (a, b), x_ab in zip(spans, images):
+        yield x_ab, y[where[a:b]]
+
+
+def epoch_plan(n, cfg, epoch, device):
+    # The order of the training images and the crop and flip of each position in it, drawn
+    # for a whole epoch from a generator seeded by (seed, epoch) alone: a resumed run draws
+    # the plan the uninterrupted run drew, and the processes of a data-parallel run (section
+    # 9) all draw the same plan without a word between them.
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_000 + epoch)
+    order = torch.randperm(n, generator=g)                        # a new order every epoch
+    pad = cfg.crop_pad if cfg.augment else 0
+    shift = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)    # (n, 2): rows, columns
+    mirror = torch.rand(n, generator=g) < 0.5                     # (n,): a coin for each
+    return order, pad, shift.to(device), mirror.to(device) if cfg.augment and cfg.flip else None
+
+
+def augment(x, pad, shift, mirror):
     # x: (B, C, H, W) uint8 on the device. Random crop of the original size from a copy
-    # padded with zeros, done as one gather; then a random horizontal flip by masking.
-    # Every image gets its own shift and its own coin, so no two epochs see the same batch.
-    # The crop's padding is the knob: 1/8 of the side on CIFAR-10 (4 pixels); on 28x28
-    # FashionMNIST with 7x7 patches, 1 pixel did better (the README's tuning table).
+    # padded with zeros, shifted by `shift` (B, 2), done as one gather; then a horizontal
+    # flip of the images where `mirror` (B,) is True. Every image gets its own shift and
+    # coin, so no two epochs see the same batch. The crop's padding is the knob: 1/8 of the
+    # side on CIFAR-10 (4 pixels); on 28x28 FashionMNIST with 7x7 patches, 1 pixel did
+    # better (the README's tuning table).
     B, C, H, W = x.shape
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad))                   # (B, C, H+2p, W+2p)
-        dy = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), device=x.device)
-        dx = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), device=x.device)
-        rows = dy + torch.arange(H, device=x.device).view(1, 1, H, 1)   # (B, 1, H, 1)
-        cols = dx + torch.arange(W, device=x.device).view(1, 1, 1, W)   # (B, 1, 1, W)
+        rows = shift[:, 0].view(B, 1, 1, 1) + torch.arange(H, device=x.device).view(1, 1, H, 1)
+        cols = shift[:, 1].view(B, 1, 1, 1) + torch.arange(W, device=x.device).view(1, 1, 1, W)
         batch = torch.arange(B, device=x.device).view(B, 1, 1, 1)
         chans = torch.arange(C, device=x.device).view(1, C, 1, 1)
         x = padded[batch, chans, rows, cols]                      # (B, C, H, W)
-    if flip:
-        mirror = torch.rand(B, 1, 1, 1, device=x.device) < 0.5
-        x = torch.where(mirror, x.flip(3), x)                     # (B, C, H, W)
+    if mirror is not None:
+        x = torch.where(mirror.view(B, 1, 1, 1), x.flip(3), x)    # (B, C, H, W)
     return x
 
 
@@ -635,7 +704,7 @@ def build_optimizer(model, cfg, epoch_steps):
 def lr_factor(step, warmup, total):
     # The learning rate before step `step` (0, 1, ..., total), as a fraction of the peak: a
     # pure function of the step, so a resumed run, even one given a new --epochs, gets
-    # exactly the new schedule's value by setting the step (restore, section 9).
+    # exactly the new schedule's value by setting the step (restore, section 10).
     if step < warmup:
         return 1e-3 + (1 - 1e-3) * step / warmup                 # linear, from 0.1%
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -650,12 +719,15 @@ def step_schedule(sched):
         sched.step()
 
 
-def train_step(model, x, y, opt, sched, scaler, cfg, precision, device):
+def train_step(model, x, y, opt, sched, scaler, cfg, precision, device, share=1.0):
+    # share: this process's part of the global batch, times the number of processes (1.0
+    # on one device): DDP averages the processes' gradients, and so weighted, their average
+    # is the gradient of the whole batch's mean loss, even for an uneven last batch.
     with autocast(precision, device):
         logits = model(x)                                         # (B, K)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)                               # None: no zeros written
-    scaler.scale(loss).backward()                                 # (not fp16: loss as is)
+    scaler.scale(loss * share).backward()                         # (not fp16: loss as is)
     scaler.unscale_(opt)
     if cfg.clip_grad > 0:                                         # 0: no clipping
         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
@@ -669,33 +741,37 @@ def steps_per_epoch(n_train, cfg):
     # torch.compile builds kernels for one batch shape, and a ragged last batch would compile
     # them all again; so a compiled run drops it, as DataLoader(drop_last=True) would (on
     # CIFAR-10: 336 of 50,000 images, other ones each epoch, since the order is reshuffled).
-    if cfg.compile and n_train >= cfg.batch_size:
+    # So does a data-parallel run whose last batch has fewer images than processes.
+    last = n_train % cfg.batch_size
+    if n_train > cfg.batch_size and last and (cfg.compile or last < world_size()):
         return n_train // cfg.batch_size
     return math.ceil(n_train / cfg.batch_size)
 
 
 def train_one_epoch(model, data, opt, sched, scaler, cfg, precision, device, epoch):
     model.train()                                                 # dropout on
-    n, bs = data.train_x.size(0), cfg.batch_size                  # images, batch size
+    n, bs = len(data.train_y), cfg.batch_size                     # images, batch size
     steps = steps_per_epoch(n, cfg)
     seen = min(n, steps * bs)
-    pad = cfg.crop_pad if cfg.augment else 0
-    perm = torch.randperm(n, device=device)                       # a new order every epoch
+    order, pad, shift, mirror = epoch_plan(n, cfg, epoch, device)
+    # Global batch s is positions s*bs... of `order`; this process trains on its share.
+    spans = [my_share(s * bs, min(n, s * bs + bs)) for s in range(steps)]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     live = sys.stdout.isatty() or in_notebook()                   # rewrite one progress line
     show_every = max(1, steps // (20 if live else 4))
     t0 = time.time()
-    for step in range(steps):
-        idx = perm[step * bs:(step + 1) * bs]
-        x = augment(data.train_x[idx], pad, cfg.flip and cfg.augment)   # (B, C, H, W) uint8
+    for step, (x, y) in enumerate(batches(data.train_x, data.train_y, spans, order)):
+        a, b = spans[step]                                        # (B,) images: y and x
+        x = augment(x, pad, shift[a:b], None if mirror is None else mirror[a:b])
         x = data.normalize(x)                                     # (B, C, H, W) float
-        y = data.train_y[idx]                                     # (B,)
-        logits, loss = train_step(model, x, y, opt, sched, scaler, cfg, precision, device)
-        loss_sum += loss.detach() * y.size(0)
+        share = len(y) * world_size() / min(bs, n - step * bs)    # 1.0 on one device
+        logits, loss = train_step(model, x, y, opt, sched, scaler, cfg, precision, device,
+                                  share)
+        loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
         if (step + 1) % show_every == 0 and step + 1 < steps:
-            value = loss.item()
+            value = all_sum(loss.detach() * share).item() / world_size()   # the global batch's
             if not math.isfinite(value):
                 return math.nan, math.nan                         # diverged: train_run stops
             rate = (step + 1) * bs / (time.time() - t0)
@@ -703,7 +779,7 @@ def train_one_epoch(model, data, opt, sched, scaler, cfg, precision, device, epo
             print("\r" + msg if live else msg, end="" if live else "\n", flush=True)
     if live:
         print("\r" + " " * 60 + "\r", end="")
-    return loss_sum.item() / seen, correct.item() / seen
+    return all_sum(loss_sum).item() / seen, all_sum(correct).item() / seen
 
 
 @torch.no_grad()                  # no graph for backward: faster, and less memory
@@ -712,25 +788,134 @@ def evaluate(model, data, cfg, precision, device):
     # accuracy, and every prediction (for the confusion matrix). eval() turns dropout off.
     # A compiled model sees one batch shape only: the last batch is padded with blank
     # images, whose outputs are dropped.
+    # Under torchrun each process evaluates its share of the test split, and the sums
+    # (each prediction is written by one process, zeros elsewhere) make the whole.
     model.eval()
-    loss_sum, preds, bs = torch.zeros((), device=device), [], cfg.batch_size
-    for i in range(0, data.test_x.size(0), bs):
-        x = data.test_x[i:i + bs]                                 # never augmented
-        y = data.test_y[i:i + bs]
-        if cfg.compile and len(x) < bs:
+    n, bs = len(data.test_y), cfg.batch_size
+    lo, hi = my_share(0, n)
+    spans = [(i, min(i + bs, hi)) for i in range(lo, hi, bs)]
+    loss_sum = torch.zeros((), device=device)
+    preds = torch.zeros(n, dtype=torch.long, device=device)       # (n,)
+    for (a, b), (x, y) in zip(spans, batches(data.test_x, data.test_y, spans)):
+        if cfg.compile and len(x) < bs:                           # never augmented
             x = torch.cat([x, x.new_zeros(bs - len(x), *x.shape[1:])])
         with autocast(precision, device):
             logits = model(data.normalize(x))[:len(y)]            # (B, K)
         loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
                                     reduction="sum")
-        preds.append(logits.argmax(dim=1))
-    preds = torch.cat(preds)
+        preds[a:b] = logits.argmax(dim=1)
+    preds = all_sum(preds)
     acc = (preds == data.test_y).float().mean().item()
-    return loss_sum.item() / data.test_y.size(0), acc, preds
+    return all_sum(loss_sum).item() / n, acc, preds
 
 
 # -----------------------------------------------------------------------------------------
-# 9. Checkpoints and run folders: written atomically, loaded safely, never overwritten
+# 9. Many devices: data parallel, with torchrun
+# `torchrun --nproc-per-node=N vit.py ...` starts N copies of this program, one per GPU (or
+# N processes on a CPU), and tells each its rank, 0 to N-1, in environment variables.
+# Data parallelism: every process holds the same model and the same optimizer. At each step
+# each takes its own share of the global batch (--batch-size images in all, cut into N
+# nearly equal parts), computes the loss on it and the gradients, and then the processes
+# average their gradients: an all-reduce, after which every process holds the sum of all
+# processes' tensors (then divided by N). The gradient of a sum is the sum of the gradients,
+# so with each share's loss weighted by its size (train_step), that average is exactly the
+# gradient of the mean loss over the whole batch. Every process then takes the same AdamW
+# step from the same weights, and the copies never drift apart: the run is the one-device
+# run with the same --batch-size, up to rounding (the sums are added in another order),
+# with each device doing 1/N of the work. PyTorch's DistributedDataParallel (DDP) runs the
+# all-reduce inside backward(), a bucket of gradients at a time, while the next bucket's
+# gradients are still being computed, so the communication mostly hides behind the work.
+# What the processes agree on without a word: the initial weights (the same seed; DDP
+# copies rank 0's too) and each epoch's order and augmentation (epoch_plan, section 7).
+# What they sum by all-reduce: the gradients, and the counts of losses, correct
+# predictions and pixel values. Rank 0 alone prints and writes files (the run folder,
+# checkpoints, figures); together() tells the others whether that worked, so that a full
+# disk stops every process with one sentence, rather than leaving N-1 waiting for rank 0.
+# -----------------------------------------------------------------------------------------
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def my_share(a, b):
+    # This process's part of positions a, ..., b-1: N runs in rank order, the first
+    # (b - a) % N of them one longer than the rest (torch.tensor_split's rule).
+    q, r = divmod(b - a, world_size())
+    start = a + rank() * q + min(rank(), r)
+    return start, start + q + (rank() < r)
+
+
+def all_sum(t):
+    # The sum of `t` over all processes, on every process; in place. (SUM, not AVG: gloo on
+    # older torch has no AVG. NCCL sums GPU tensors only.)
+    if world_size() > 1:
+        u = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(u)
+        t.copy_(u)
+    return t
+
+
+def together(fn, here=True):
+    # fn() on the processes where `here` holds (a file: on rank 0 alone); then every process
+    # learns whether it failed anywhere, and if so, all stop with its sentence (printed by
+    # rank 0) instead of waiting forever at the next all-reduce for one that has stopped.
+    result, error = None, None
+    try:
+        if here:
+            result = fn()
+    except UserError as e:
+        error = e
+    if world_size() > 1:
+        errors = [None] * world_size()
+        dist.all_gather_object(errors, None if error is None else str(error))
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed and error is None:
+            r, message = failed[0]
+            error = UserError(message if r == 0 else f"process {r}: {message}")
+    if error is not None:
+        raise error
+    return result
+
+
+def from_rank_0(obj):
+    # Rank 0's value of obj, on every process (e.g. the name of the run folder it made).
+    if world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
+def start_processes(name):
+    # The device of this process. Under torchrun (WORLD_SIZE > 1): one GPU per process,
+    # numbered by LOCAL_RANK on each machine, joined by NCCL; CPU processes by gloo.
+    device = pick_device(name)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return device
+    if not dist.is_available():
+        raise UserError("this torch has no torch.distributed; run `python vit.py` instead.")
+    if device.type == "mps":
+        raise UserError("torchrun cannot use Apple's MPS (torch.distributed has no backend "
+                        "for it); run `python vit.py` instead.")
+    if device.type == "cuda":
+        n, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
+        if n > gpus:
+            raise UserError(f"torchrun started {n} processes on a machine with {gpus} "
+                            f"GPU(s); use --nproc-per-node={gpus}.")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank() != 0:                               # one copy of every line: rank 0's
+        sys.stdout = open(os.devnull, "w")
+        warnings.simplefilter("ignore")
+    return device
+
+
+# -----------------------------------------------------------------------------------------
+# 10. Checkpoints and run folders: written atomically, loaded safely, never overwritten
 # model.pth is what you would ship: the weights, the model's configuration as plain data,
 # the class names and the normalisation, all that --eval and --predict need.
 # checkpoint.pth is what resuming needs to give exactly the numbers of a run never stopped:
@@ -902,7 +1087,7 @@ def save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device):
     # model.pth: plain data only, no pickled Config object, so that any later vit.py (and
     # any other program) can read it with weights_only=True.
     model_cfg = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    model_cfg["in_channels"] = data.train_x.size(1)
+    model_cfg["in_channels"] = data.train_x.shape[1]
     atomic_save({"config": model_cfg, "state_dict": weights, "classes": data.classes,
                  "mean": data.mean, "std": data.std, "dataset": cfg.dataset,
                  "data_root": cfg.data_root}, os.path.join(out, "model.pth"))
@@ -950,7 +1135,7 @@ def restore(ckpt, path, cfg, data, model, opt, sched, scaler, steps, device):
 
 
 # -----------------------------------------------------------------------------------------
-# 10. Data files: torchvision's data sets, your image folders, your images
+# 11. Data files: torchvision's data sets, your image folders, your images
 # load_data (section 7) gets CIFAR-10 and FashionMNIST from torchvision, and reads a folder
 # data set, as --predict reads your images, with read_image. Real folders are untidy: gray
 # and colour images mixed, an odd size, 16-bit scans, phone photos stored sideways,
@@ -960,23 +1145,37 @@ OFFLINE_HINT = ("if this machine is offline, point --data-root at a folder that 
                 "the data set, or --dataset at an image folder with train/ and test/ subfolders")
 
 
-def load_torchvision(name, root):
+def load_torchvision(name, cfg, device):
     # torchvision's classes download the files once (CIFAR-10 170 MB, FashionMNIST 30 MB)
     # and keep every image of a split in one array: .data, (n, H, W, C) or (n, H, W) uint8.
+    # They are always kept on the device; only another --image-size could make them large.
     import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10,
            "fashionmnist": torchvision.datasets.FashionMNIST}[name]
-    splits = []
-    for train in (True, False):
+    def get(train):
         try:
-            ds = cls(root, train=train, download=True)
+            return cls(cfg.data_root, train=train, download=True)
         except Exception as e:        # URLError, RuntimeError, ...: all mean "no data"
             reason = " ".join(str(e).split())                    # one line
-            raise UserError(f"could not find or download {name} in {root!r} ({reason}); "
-                            f"{OFFLINE_HINT}.") from None
+            raise UserError(f"could not find or download {name} in {cfg.data_root!r} "
+                            f"({reason}); {OFFLINE_HINT}.") from None
+    splits = []
+    for train in (True, False):
+        # Under torchrun rank 0 first: it downloads the files, and the others then find them.
+        first, then = (together(lambda: get(train), here) for here in (rank() == 0, rank() > 0))
+        ds = first if rank() == 0 else then
         x = torch.as_tensor(ds.data)                              # (n, H, W[, C]) uint8
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)   # (n, C, H, W)
         splits += [x.contiguous(), torch.as_tensor(ds.targets)]
+    size = cfg.image_size or splits[0].size(-1)
+    n = len(splits[1]) + len(splits[3])
+    keep_on_device(f"{name} at {size}x{size} px", n, (splits[0].size(1), size, size), cfg,
+                   device, streamable=False)
+    if size != splits[0].size(-1):                                # resized once, in chunks
+        for i in (0, 2):
+            splits[i] = torch.cat([F.interpolate(c.float(), size=size, mode="bilinear",
+                                                 antialias=True).round().clamp(0, 255).byte()
+                                   for c in splits[i].split(256)])
     return splits, list(ds.classes)
 
 
@@ -1042,12 +1241,14 @@ def refuse_unreadable(bad):
                         f"{more}; remove or replace them.")
 
 
-def load_image_folder(path, image_size):
+def load_image_folder(cfg, device):
     # Your own data: folder/train/<class>/... and folder/test/<class>/... . Every image is
     # brought to one size and one channel count, so that a split is one tensor: RGB if any
     # image has colour, else gray; the size of --image-size, else the commonest shorter side.
-    # A first pass reads only the files' headers (cheap) to decide both; the second decodes
-    # each image straight into its slot of a tensor allocated once.
+    # A first pass reads only the files' headers (cheap) to decide both, and whether the
+    # data fits (section 7); the second decodes each image straight into its slot of a
+    # tensor allocated once, or, streamed, each batch's images when training needs them.
+    path, image_size = cfg.dataset, cfg.image_size
     from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS
     missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(path, s))]
@@ -1083,25 +1284,69 @@ def load_image_folder(path, image_size):
     for shape, n in shapes.items():
         sides[min(shape)] += n
     size = image_size or sides.most_common(1)[0][0]               # the commonest shorter side
-    splits = []
-    for files, y in ((train_files, train_y), (test_files, test_y)):
-        x = torch.empty(len(files), 1 if mode == "L" else 3, size, size, dtype=torch.uint8)
-        for i, file in enumerate(files):
-            try:
-                x[i] = read_image(file, mode, size)               # (C, S, S)
-            except UserError:
-                bad.append(file)
-        splits += [x, y]
-    refuse_unreadable(bad)
     resized = sum(n for shape, n in shapes.items() if shape != (size, size))
     print(f"images: {'RGB' if mode == 'RGB' else 'gray'}, {size}x{size} px "
           f"({'--image-size' if image_size else 'the commonest size'}); {resized:,} of "
           f"{len(train_files) + len(test_files):,} resized or cropped")
+    shape = (1 if mode == "L" else 3, size, size)
+    keep = keep_on_device(f"{len(train_files) + len(test_files):,} images of {shape}",
+                          len(train_files) + len(test_files), shape, cfg, device)
+    splits = []
+    for files, y in ((train_files, train_y), (test_files, test_y)):
+        x = ImageFiles(files, mode, size)                         # streamed: left on disk
+        if keep:
+            x = torch.empty(len(files), *shape, dtype=torch.uint8)
+            for i, file in enumerate(files):
+                try:
+                    x[i] = read_image(file, mode, size)           # (C, S, S)
+                except UserError:
+                    bad.append(file)
+        splits += [x, y]
+    refuse_unreadable(bad)
     return splits, classes
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    # A split left on disk: image i is read by read_image when a batch needs it, exactly as
+    # the in-memory path reads it. Indexed like the (n, C, S, S) tensor it stands for: an
+    # int gives one image, a slice or a tensor of indices a stack of them.
+    def __init__(self, files, mode, size):
+        self.files, self.mode, self.size = files, mode, size
+        self.shape = (len(files), 1 if mode == "L" else 3, size, size)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        if isinstance(i, int):
+            return read_image(self.files[i], self.mode, self.size)   # (C, S, S) uint8
+        picked = range(len(self))[i] if isinstance(i, slice) else i.tolist()
+        x = torch.empty(len(picked), *self.shape[1:], dtype=torch.uint8)   # (B, C, S, S)
+        for k, j in enumerate(picked):
+            x[k] = self[j]
+        return x
+
+
+def stream(files, index_lists, device):
+    # The batches of ImageFiles `files` given by index_lists, on the device. DataLoader's
+    # worker processes (one per CPU core this process may use, up to 8) decode the files
+    # of the next batches while the device trains on this one; on CUDA into pinned (page-
+    # locked) memory, from which the copy runs without making the CPU wait for it.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(8, max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if in_notebook() and torch.multiprocessing.get_start_method() != "fork":
+        workers = 0           # spawned workers cannot find a class defined in a notebook
+    loader = torch.utils.data.DataLoader(files, batch_sampler=index_lists, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    try:
+        for x in loader:
+            yield x.to(device, non_blocking=True)                 # (B, C, S, S) uint8
+    except UserError as e:    # raised in a worker, and wrapped in its traceback: one line
+        raise UserError(str(e).strip().splitlines()[-1].split("UserError: ")[-1]) from None
+
+
 # -----------------------------------------------------------------------------------------
-# 11. Figures: PNG files, also shown inline in a notebook
+# 12. Figures: PNG files, also shown inline in a notebook
 # What the model learned: loss and accuracy curves (after training); and, after training
 # and by --eval, where the CLS token looks (attention rollout across layers and each head of
 # the last layer), how the learned position embeddings relate to each other, the confusion
@@ -1309,7 +1554,7 @@ def plot_mistakes(data, preds, path, n=24):
     cols = 8
     rows = max(1, math.ceil(len(wrong) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.1 * rows), squeeze=False)
-    cmap = "gray" if data.test_x.size(1) == 1 else None
+    cmap = "gray" if data.test_x.shape[1] == 1 else None
     for ax in axes.flat:
         ax.axis("off")
     true, pred = data.test_y[wrong].tolist(), preds[wrong].tolist()
@@ -1321,9 +1566,19 @@ def plot_mistakes(data, preds, path, n=24):
     save_figure(fig, path)
 
 
-def make_figures(model, data, preds, out):
-    picked = spread(data.test_x.size(0), 6).to(data.test_x.device)
-    images = data.test_x[picked]                                      # (6, C, H, W) uint8
+def first_look(model, data, cfg, out):
+    # At the start of a new run: one image cut into patches, one batch through the model.
+    plot_patches(data.train_x[0].cpu(), cfg.patch_size, os.path.join(out, "patches.png"))
+    print("one batch through the model:")
+    images = data.train_x[:cfg.batch_size].to(data.test_y.device)
+    show_shapes(model.eval(), data.normalize(images))
+
+
+def make_figures(model, data, preds, out, metrics=None):
+    if metrics:                                   # after training; not by --eval
+        plot_curves(metrics, os.path.join(out, "curves.png"))
+    picked = spread(len(data.test_y), 6).to(data.test_y.device)
+    images = data.test_x[picked].to(data.test_y.device)               # (6, C, H, W) uint8
     titles = [data.classes[k][:12] for k in data.test_y[picked].tolist()]
     plot_attention(model, images, data.normalize(images), titles, os.path.join(out,
                                                                                "attention.png"))
@@ -1333,11 +1588,11 @@ def make_figures(model, data, preds, out):
 
 
 # -----------------------------------------------------------------------------------------
-# 12. The training run: set-up and the loop, on one screen
+# 13. The training run: set-up and the loop, on one screen
 # train_run is the whole of training: it builds everything from the configuration (or from
 # a checkpoint, to resume); then for each epoch it trains on every batch once, evaluates on
 # the test split, logs one line, and saves the checkpoint, so that a crash loses at most one
-# epoch. At the end it draws the figures of section 11.
+# epoch. At the end it draws the figures of section 12.
 # -----------------------------------------------------------------------------------------
 def print_model_summary(model, cfg, device, precision, why):
     n_params = sum(p.numel() for p in model.parameters())
@@ -1365,35 +1620,38 @@ def train_run(cfg, device, out, resume=None, resume_path=None):
     # scaler, and the metrics so far (none, or the checkpoint's). The order matters: the seed
     # is set before the model is built, so the same seed gives the same initial weights; the
     # model moves to the device before the optimizer is built, so AdamW's state lives there.
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg)
-    cfg.image_size = data.train_x.size(-1)            # resolved now, and saved with the run
+    data = load_data(cfg, device)
+    cfg.image_size = data.train_x.shape[-1]           # resolved now, and saved with the run
     if cfg.crop_pad is None:
         cfg.crop_pad = round(cfg.image_size / 8)     # 4 pixels on 32x32 CIFAR-10, the classic
-    model = build_model(cfg, data.train_x.size(1), len(data.classes), device).to(device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.train_x.shape[1], len(data.classes), device).to(device)
     data.to(device)
-    steps = steps_per_epoch(data.train_x.size(0), cfg)
+    steps = steps_per_epoch(len(data.train_y), cfg)
     opt, sched = build_optimizer(model, cfg, steps)
     precision, why = choose_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     metrics = restore(resume, resume_path, cfg, data, model, opt, sched, scaler, steps,
                       device) if resume else []
     print(f"config: {asdict(cfg)}")
-    print(f"data: {cfg.dataset}: {data.train_x.size(0):,} train and {data.test_x.size(0):,} test "
+    print(f"data: {cfg.dataset}: {len(data.train_y):,} train and {len(data.test_y):,} test "
           f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes")
     print_model_summary(model, cfg, device, precision, why)
-    print(f"run folder: {out}")
+    print(f"run folder: {out}" + (f", {world_size()} processes" if world_size() > 1 else ""))
     if not metrics:                             # a new run: show the central idea first
-        plot_patches(data.train_x[0].cpu(), cfg.patch_size, os.path.join(out, "patches.png"))
-        print("one batch through the model:")
-        show_shapes(model.eval(), data.normalize(data.train_x[:cfg.batch_size]))
+        together(lambda: first_look(model, data, cfg, out), rank() == 0)
     # torch.compile fuses the model's small operations into a few kernels; it costs a
     # minute of compiling first. The checkpoint saves `model`, the same weights uncompiled.
+    # Under torchrun, DDP wraps the (compiled) model for training, and adds the all-reduce.
     step_model = compile_model(model) if cfg.compile else model
+    train_model = step_model
+    if world_size() > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[device] if device.type == "cuda" else None)
     start, t_run = len(metrics) + 1, time.time()
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
-        train_loss, train_acc = train_one_epoch(step_model, data, opt, sched, scaler, cfg,
+        train_loss, train_acc = train_one_epoch(train_model, data, opt, sched, scaler, cfg,
                                                 precision, device, epoch)
         test_loss, test_acc, preds = evaluate(step_model, data, cfg, precision, device)
         check_finite(model, train_loss, test_loss, epoch, cfg, out)
@@ -1401,10 +1659,10 @@ def train_run(cfg, device, out, resume=None, resume_path=None):
                             test_loss=test_loss, test_acc=test_acc,
                             lr=opt.param_groups[0]["lr"], seconds=time.time() - t0))
         share = (epoch - start + 1) / (cfg.epochs - start + 1)      # of this session's epochs
-        print_epoch(metrics[-1], cfg.epochs, data.train_x.size(0), share, time.time() - t_run)
-        save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics, device)
-    plot_curves(metrics, os.path.join(out, "curves.png"))
-    make_figures(model, data, preds, out)
+        print_epoch(metrics[-1], cfg.epochs, len(data.train_y), share, time.time() - t_run)
+        together(lambda: save_checkpoint(out, cfg, data, model, opt, sched, scaler, metrics,
+                                         device), rank() == 0)
+    together(lambda: make_figures(model, data, preds, out, metrics), rank() == 0)
     print(f"saved {os.path.join(out, 'model.pth')}, checkpoint.pth, metrics.json")
     print(f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%")
     return metrics
@@ -1412,22 +1670,25 @@ def train_run(cfg, device, out, resume=None, resume_path=None):
 
 def run_in_folder(cfg, device, out, new_folder=True, resume=None, resume_path=None):
     # train_run, guarded. A new run (or a resumed one branching into a new folder) claims
-    # `out` before any data is loaded (section 9), and gives it back if it ends before its
+    # `out` before any data is loaded (section 10), and gives it back if it ends before its
     # first checkpoint. Ctrl-C and a failing torch.compile end in one sentence.
+    # Under torchrun, rank 0 alone claims, locks and (in the end) gives back the folder.
     validate(cfg)
     if new_folder:
-        claim_run_folder(out)
+        together(lambda: claim_run_folder(out), rank() == 0)
     lock = None
     try:
-        lock = lock_run_folder(out)
+        lock = together(lambda: lock_run_folder(out), rank() == 0)
         return train_run(cfg, device, out, resume, resume_path)
     except KeyboardInterrupt:                   # Ctrl-C, or a notebook's stop button
         done = saved_epoch(out)
+        again = (f"torchrun --nproc-per-node={world_size()} vit.py" if world_size() > 1 else
+                 "python vit.py")
         if done:
-            message = (f"interrupted after epoch {done}; resume with `python vit.py --resume "
+            message = (f"interrupted after epoch {done}; resume with `{again} --resume "
                        f"{os.path.join(out, 'checkpoint.pth')}`")
         elif resume_path:
-            message = (f"interrupted before an epoch ended; resume again with `python vit.py "
+            message = (f"interrupted before an epoch ended; resume again with `{again} "
                        f"--resume {resume_path}`")
         else:
             message = "interrupted before the first epoch ended; nothing was saved"
@@ -1441,7 +1702,7 @@ def run_in_folder(cfg, device, out, new_folder=True, resume=None, resume_path=No
     finally:
         if lock:
             lock.close()                                          # and so unlocked
-        if new_folder and not os.path.exists(os.path.join(out, "checkpoint.pth")):
+        if new_folder and rank() == 0 and not os.path.exists(os.path.join(out, "checkpoint.pth")):
             release_run_folder(out)
 
 
@@ -1471,7 +1732,7 @@ def compile_model(model):
 
 
 # -----------------------------------------------------------------------------------------
-# 13. Using a trained model: evaluate it, or classify your own images
+# 14. Using a trained model: evaluate it, or classify your own images
 # At test time a ViT is a function from a normalised image (B, C, H, W) to K logits, one
 # score per class: softmax turns them into probabilities, and the prediction is the largest.
 # No augmentation, no dropout, no gradients. The preprocessing must be the training's own:
@@ -1479,7 +1740,7 @@ def compile_model(model):
 # model sees numbers it never saw in training.
 #   --eval MODEL:              the model on its data set's test split, and its figures.
 #   --predict MODEL IMAGE...:  the top 3 classes of each image; with --out, each image with
-#                              its attention rollout (section 11) and the predicted label.
+#                              its attention rollout (section 12) and the predicted label.
 # -----------------------------------------------------------------------------------------
 def load_model(path, device):
     # Rebuild the architecture from the saved configuration, then fill in the weights.
@@ -1505,18 +1766,18 @@ def eval_run(args, device):
     cfg = replace(cfg, dataset=args.dataset or saved["dataset"],
                   data_root=args.data_root or saved["data_root"])
     out = writable_folder(args.out or os.path.dirname(os.path.abspath(args.eval)))
-    data = load_data(cfg)
+    data = load_data(replace(cfg, data=args.data or "auto"), device)
     check_fits(saved["classes"], data, args.eval)
-    if data.train_x.size(1) != saved["config"]["in_channels"]:
+    if data.train_x.shape[1] != saved["config"]["in_channels"]:
         raise UserError(f"{args.eval!r} expects {saved['config']['in_channels']}-channel images, "
-                        f"but this data has {data.train_x.size(1)}.")
+                        f"but this data has {data.train_x.shape[1]}.")
     data.mean, data.std = saved["mean"], saved["std"]            # the training's own
     data.to(device)
     precision, why = choose_precision(args.precision or "auto", device)
     print_model_summary(model, cfg, device, precision, why)
     loss, acc, preds = evaluate(model, data, cfg, precision, device)
     make_figures(model, data, preds, out)
-    print(f"evaluated {args.eval} on {cfg.dataset} ({data.test_x.size(0):,} test images), "
+    print(f"evaluated {args.eval} on {cfg.dataset} ({len(data.test_y):,} test images), "
           f"loss {loss:.4f}")
     print(f"test accuracy: {100 * acc:.2f}%")
     return acc
@@ -1550,7 +1811,7 @@ def predict_run(args, device):
 
 
 # -----------------------------------------------------------------------------------------
-# 14. Benchmark: this ViT against torchvision's, same size, same precision, same run
+# 15. Benchmark: this ViT against torchvision's, same size, same precision, same run
 # Machines are noisy, so we report a ratio measured in one run: training steps (forward,
 # backward, AdamW, with the precision policy of section 6) of both models alternate in
 # rounds on the same random batch, and each model's median step time is kept.
@@ -1612,7 +1873,7 @@ def benchmark(cfg, device, rounds=5, steps=3):
 
 
 # -----------------------------------------------------------------------------------------
-# 15. Command line and main()
+# 16. Command line and main()
 # The options are Config's fields (section 5), plus what to do. An option left out is None
 # here, so that a preset can fill it. Every error a user can cause is a UserError and ends
 # as one line on stderr: from a shell with exit status 1; in a notebook, main() returns None
@@ -1629,7 +1890,8 @@ HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ sub
         "crop_pad": "random-crop padding in pixels (default: image side / 8; 0: no crop)",
         "clip_grad": "largest global gradient norm (0: no clipping)",
         "precision": "auto picks per device (section 6 of vit.py)",
-        "attn": "F.scaled_dot_product_attention, or the hand-written path"}
+        "attn": "F.scaled_dot_product_attention, or the hand-written path",
+        "data": "keep the data set on the device, or stream it from disk (default: by its size)"}
 
 
 def build_parser():
@@ -1690,7 +1952,7 @@ def resume_run(args, device):
     # extend it (the schedule is then the one of the new length); --dataset and --data-root
     # may say where its data is now, if it has moved (the classes must still match); --out
     # branches it into a new folder, leaving the original as it is.
-    ckpt = load_file(args.resume, "checkpoint")
+    ckpt = together(lambda: load_file(args.resume, "checkpoint"))     # on every process
     if "optimizer" not in ckpt:
         raise UserError(f"{args.resume!r} is a model file; --resume takes a checkpoint.pth.")
     try:
@@ -1698,7 +1960,7 @@ def resume_run(args, device):
     except TypeError:
         raise UserError(f"{args.resume!r} holds a configuration this vit.py does not "
                         f"know.") from None
-    allowed = ("epochs", "dataset", "data_root")
+    allowed = ("epochs", "dataset", "data_root", "data")
     ignored = [f.name for f in fields(Config)
                if getattr(args, f.name) is not None and f.name not in allowed]
     if ignored:
@@ -1725,7 +1987,11 @@ def main(argv=None):
             return None
         raise
     try:
-        device = pick_device(args.device)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (args.eval or args.predict or
+                                                         args.benchmark):
+            raise UserError("--eval, --predict and --benchmark run in one process; use "
+                            "`python vit.py`, not torchrun.")
+        device = start_processes(args.device)
         if args.eval:
             return eval_run(args, device)
         if args.predict:
@@ -1738,12 +2004,20 @@ def main(argv=None):
             return resume_run(args, device)[-1]["test_acc"]
         cfg = resolve_config(args)
         validate(cfg)                             # before a run folder is made for it
-        return run_in_folder(cfg, device, args.out or new_run_folder(cfg))[-1]["test_acc"]
+        out = args.out or from_rank_0(together(lambda: new_run_folder(cfg), rank() == 0))
+        return run_in_folder(cfg, device, out)[-1]["test_acc"]
     except KeyboardInterrupt:                     # outside training: nothing to save
         error = Interrupted("interrupted")
     except UserError as e:
-        error = e
-    print(error if isinstance(error, Interrupted) else f"error: {error}", file=sys.stderr)
+        error = type(e)(str(e))                   # without its traceback (see below)
+    finally:
+        # torchrun: leave the process group, after freeing what still uses it: DDP's objects
+        # sit in reference cycles, which only the garbage collector frees.
+        if dist.is_available() and dist.is_initialized():
+            gc.collect()
+            dist.destroy_process_group()
+    if os.environ.get("RANK", "0") == "0":        # one copy of the sentence: rank 0's
+        print(error if isinstance(error, Interrupted) else f"error: {error}", file=sys.stderr)
     if not in_notebook():
         sys.exit(error.status)
 
