@@ -3,6 +3,7 @@
 Each test compares against an independent reference where one exists: PyTorch's own modules
 with copied weights, the paper's formulas, or a second code path in the same file.
 """
+import contextlib
 import json
 import math
 import os
@@ -613,6 +614,8 @@ def colors(tmp_path_factory):
     (["--warmup", "nan"], ["--warmup must be a finite number"]),
     (["--lr", "3000"], ["--lr must be at most 1"]),
     (["--lr", "0.5", "--weight-decay", "2"], ["times --weight-decay", "below 1"]),
+    (["--data", "disk"], ["invalid choice", "disk"]),
+    (["--dataset", "cifar10", "--data", "stream"], ["--data stream reads an image folder"]),
 ])
 def test_bad_options_exit_with_a_message(flags, words, colors, capsys, tmp_path):
     fails_with(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL + flags, capsys,
@@ -1484,3 +1487,232 @@ def test_the_shapes_of_one_batch_are_printed_and_match_forward(capsys):
     assert shapes == ["3, 3, 16, 16", "3, 16, 48", "3, 16, 32", "3, 17, 32", "3, 17, 32",
                       "3, 17, 32", "3, 17, 32", "3, 32", "3, 5"]
     assert lines[-1].strip() == "equals model(images): True"
+
+
+# ------------------------------------------------------------------------------------------
+# vit.py: past one device (torchrun, 2 CPU processes on gloo) and past memory (streaming)
+# ------------------------------------------------------------------------------------------
+TWO = "torch.distributed unavailable in this torch build"
+
+
+def torchrun(args, n=2, script="vit.py", terminal=False):
+    # The real launcher, as a user runs it; localhost:0 picks a free port. terminal: its
+    # output goes to a terminal (a pseudo-terminal here), where progress lines are rewritten.
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", script, *args]
+    if not terminal:
+        return subprocess.run(command, cwd=here, capture_output=True, text=True, timeout=300)
+    import pty
+    import select
+    screen, end = pty.openpty()
+    p = subprocess.Popen(command, cwd=here, stdout=end, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    os.close(end)
+    shown, deadline = b"", time.time() + 300
+    with contextlib.suppress(OSError):                        # EIO: the other end closed
+        while time.time() < deadline:
+            if select.select([screen], [], [], 1)[0]:
+                chunk = os.read(screen, 4096)
+                if not chunk:
+                    break
+                shown += chunk
+    os.close(screen)
+    if p.poll() is None and time.time() >= deadline:          # hung: stop all its processes
+        os.killpg(p.pid, signal.SIGKILL)
+    err = p.communicate(timeout=60)[1]
+    out = shown.decode().replace("\r\n", "\n")
+    return subprocess.CompletedProcess(command, p.returncode, out, err)
+
+
+def same_metrics(a, b, rel):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in y.items() if k != "seconds"}, rel=rel, abs=0)
+
+
+def crashing(at_evaluation, tmp_path):
+    # vit.py, made to crash during the given evaluation, on every process: a wrapper script,
+    # since torchrun's processes cannot be monkeypatched from here
+    wrapper = tmp_path / "crashing.py"
+    wrapper.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(vit.__file__))!r})\n"
+        "import vit\n"
+        "real, calls = vit.evaluate, []\n"
+        "def evaluate(*a, **k):\n"
+        "    calls.append(1)\n"
+        f"    if len(calls) == {at_evaluation}:\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(*a, **k)\n"
+        "vit.evaluate = evaluate\n"
+        "vit.main()\n")
+    return str(wrapper)
+
+
+@pytest.fixture(scope="module")
+def thirteen(tmp_path_factory):
+    # 26 training images: batches of 10 split 5 + 5 (the last 3 + 3) over two processes,
+    # batches of 3 split 2 + 1 (the last 1 + 1)
+    return make_image_folder(tmp_path_factory.mktemp("ddp") / "colors", n_train=13, n_test=7)
+
+
+def ddp_args(folder, batch):
+    return ["--dataset", folder, "--epochs", "3", "--precision", "fp32", "--batch-size",
+            batch] + SMALL[4:]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(thirteen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "two"
+    run = torchrun(ddp_args(thirteen, "10") + ["--out", str(out)])
+    assert run.returncode == 0, run.stderr
+    return run, out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
+@pytest.mark.parametrize("batch, data", [("10", "device"), ("3", "stream")])
+def test_two_processes_train_as_one_with_the_same_global_batch(batch, data, thirteen,
+                                                               two_process_run, tmp_path):
+    # Streamed, each process reads only its own share of each batch from disk.
+    vit.main(ddp_args(thirteen, batch) + ["--out", str(tmp_path / "one")])
+    if data == "device":
+        two, out = two_process_run
+    else:
+        out = tmp_path / "two"                              # and rank 0 in a terminal
+        two = torchrun(ddp_args(thirteen, batch) + ["--out", str(out), "--data", data],
+                       terminal=True)
+        assert two.returncode == 0, two.stderr
+        assert "streamed from disk (--data stream)" in two.stdout
+        # 9 steps: the live progress line every step; the log file's would be every 2nd
+        assert "\r  epoch 1 [1/9] loss" in two.stdout
+    # the same numbers, up to the order in which the sums were added
+    same_metrics(read_metrics(out), read_metrics(tmp_path / "one"), rel=1e-5)
+    lines = [line.strip() for line in two.stdout.replace("\r", "\n").splitlines()]
+    lines = [line for line in lines if line]
+    assert len(lines) == len(set(lines)) and "Traceback" not in two.stderr   # printed once
+    assert sum(line.startswith("epoch ") and "/3 |" in line for line in lines) == 3
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "one"))   # one set
+    assert not os.path.exists(os.path.join(os.path.dirname(vit.__file__), "runs", "colors"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
+def test_two_processes_crash_and_resume_as_if_never_stopped(thirteen, two_process_run,
+                                                            tmp_path):
+    out = tmp_path / "crashed"
+    crashed = torchrun(ddp_args(thirteen, "10") + ["--out", str(out)],
+                       script=crashing(2, tmp_path))
+    assert crashed.returncode != 0
+    ours = [line for line in crashed.stderr.splitlines() if "interrupted" in line]
+    assert ours == [f"interrupted after epoch 1; resume with `torchrun --nproc-per-node=2 "
+                    f"vit.py --resume {out / 'checkpoint.pth'}`"], crashed.stderr
+    resumed = torchrun(["--resume", str(out / "checkpoint.pth")])
+    assert resumed.returncode == 0, resumed.stderr
+    same_metrics(read_metrics(out), read_metrics(two_process_run[1]), rel=1e-12)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
+def test_a_write_that_fails_on_rank_0_stops_every_process_with_one_sentence(colors, tmp_path):
+    # curves.png cannot be written (a folder holds its name): rank 0 fails after training,
+    # while rank 1 would wait for it; both must stop, and the sentence be printed once.
+    out = tmp_path / "run"
+    os.makedirs(out / "curves.png")
+    args = ["--dataset", colors, "--epochs", "1", "--out", str(out)] + SMALL[2:]
+    run = torchrun(args)
+    assert run.returncode != 0
+    ours = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "could not write" in ours[0] and "curves.png" in ours[0], run.stderr
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1   # kept
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
+def test_a_failure_on_another_rank_reaches_rank_0s_sentence(colors, tmp_path):
+    # Rank 1 alone cannot read the data (as on a second machine without it): rank 0, which
+    # alone prints, must say so, and no process may wait for the other.
+    wrapper = tmp_path / "rank1_fails.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(vit.__file__))!r})\n"
+        "import vit\n"
+        "def unreadable(cfg, device):\n"
+        "    raise vit.UserError('cannot read the image folder here')\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    vit.load_image_folder = unreadable\n"
+        "vit.main()\n")
+    run = torchrun(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL[2:],
+                   script=str(wrapper))
+    assert run.returncode != 0
+    ours = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert ours == ["error: process 1: cannot read the image folder here"], run.stderr
+    assert not (tmp_path / "run").exists()                  # the claimed folder given back
+
+
+@pytest.mark.parametrize("env, flags, words", [
+    ({}, ["--eval", "model.pth"], ["run in one process"]),
+    ({"mps": True}, ["--device", "mps"], ["torchrun cannot use Apple's MPS"]),
+    ({"gpus": 1}, ["--device", "cuda"], ["started 2 processes on a machine with 1 GPU",
+                                          "--nproc-per-node=1"]),
+    ({}, ["--device", "cpu"], ["WORLD_SIZE is 2, but the other processes cannot be reached",
+                               "start vit.py with torchrun"]),
+])
+def test_what_torchrun_cannot_do_is_one_sentence(env, flags, words, colors, monkeypatch, capsys):
+    # torchrun's environment, faked (without its rendezvous address, as when WORLD_SIZE is
+    # set by something else): refused before any process group is made
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: env.get("mps", False))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: "gpus" in env)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: env.get("gpus", 0))
+    fails_with(["--dataset", colors] + SMALL[:-2] + flags, capsys, *words)
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_streamed_run_gives_exactly_the_numbers_of_an_in_memory_run(colors, tmp_path,
+                                                                     capsys):
+    args = ["--dataset", colors, "--epochs", "2", "--precision", "fp32"] + SMALL[2:]
+    vit.main(args + ["--out", str(tmp_path / "memory"), "--data", "device"])
+    assert "kept on the device (--data device)" in capsys.readouterr().out
+    vit.main(args + ["--out", str(tmp_path / "stream"), "--data", "stream"])
+    assert "streamed from disk (--data stream)" in capsys.readouterr().out
+    same_metrics(read_metrics(tmp_path / "stream"), read_metrics(tmp_path / "memory"), rel=0)
+    a, b = (torch.load(tmp_path / run / "model.pth", weights_only=True)
+            for run in ("memory", "stream"))
+    assert a["mean"] == b["mean"] and a["std"] == b["std"]          # integer sums: exact
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    # and --eval streams too, with the same accuracy
+    acc = vit.main(["--eval", str(tmp_path / "stream" / "model.pth"), "--data", "stream"])
+    assert acc == read_metrics(tmp_path / "stream")[-1]["test_acc"]
+
+
+def test_a_folder_too_big_for_memory_is_streamed_or_refused(colors, tmp_path, capsys,
+                                                            monkeypatch):
+    # 36 RGB images of 16x16 are 27,648 bytes; with 40,000 bytes free, they take more than
+    # half: auto streams them, --data device is refused before any pixel is read.
+    monkeypatch.setattr(vit, "free_memory", lambda device: 40_000)
+    read = []
+    real = vit.read_image
+    monkeypatch.setattr(vit, "read_image", lambda *a: read.append(1) or real(*a))
+    args = ["--dataset", colors, "--epochs", "1"] + SMALL[2:]
+    fails_with(args + ["--out", str(tmp_path / "refused"), "--data", "device"], capsys,
+               "0.00 GB as uint8, more than half of the 0.0 GB free", "--data stream")
+    assert not read and not (tmp_path / "refused").exists()
+    vit.main(args + ["--out", str(tmp_path / "auto")])
+    assert "streamed from disk (--data auto)" in capsys.readouterr().out
+    monkeypatch.setattr(vit, "free_memory", lambda device: 60_000)
+    vit.main(args + ["--out", str(tmp_path / "fits")])
+    assert "kept on the device (--data auto)" in capsys.readouterr().out
+
+
+def test_a_big_torchvision_resize_is_refused_before_it_is_made(tmp_path, capsys, monkeypatch):
+    # FashionMNIST's files, faked (no download here): 70,000 images at 224 px are 3.5 GB
+    class Fake:
+        def __init__(self, root, train, download):
+            self.data = torch.zeros(60_000 if train else 10_000, 28, 28, dtype=torch.uint8)
+            self.targets, self.classes = torch.zeros(len(self.data)), ["a", "b"]
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Fake)
+    monkeypatch.setattr(vit, "free_memory", lambda device: 4e9)
+    fails_with(["--dataset", "fashionmnist", "--image-size", "224", "--patch-size", "16",
+                "--out", str(tmp_path / "run")] + SMALL[:2], capsys,
+               "fashionmnist at 224x224 px is 3.51 GB", "smaller --image-size")

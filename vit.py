@@ -7,14 +7,16 @@ What this file teaches, in reading order:
   the CLS token, the learned position embedding, pre-norm encoder blocks with multi-head
   self-attention written by hand, the classification head; then a complete training recipe
   (the precision each device should train in, data kept on the device, augmentation as tensor
-  ops, AdamW, warmup + cosine, label smoothing, gradient clipping and scaling), checkpoints that
-  resume exactly, and how a trained model classifies a new image.
+  ops, AdamW, warmup + cosine, label smoothing, gradient clipping and scaling), training on
+  many GPUs at once (data parallel), checkpoints that resume exactly, and how a trained model
+  classifies a new image.
 
 Run it:
   python vit.py --epochs 30                           # CIFAR-10 (downloads into ./data)
   python vit.py --dataset fashionmnist --preset cpu   # a laptop CPU, a few minutes
   python vit.py --dataset path/to/folder              # any folder with train/ and test/
   python vit.py --resume runs/X/checkpoint.pth --epochs 40
+  torchrun --nproc-per-node=2 vit.py --epochs 30      # two GPUs (section 9)
   python vit.py --eval runs/X/model.pth
   python vit.py --predict runs/X/model.pth cat.jpg dog.png
   In Colab or Jupyter: paste this file into one cell and run it, then call main([...]) with
@@ -563,39 +565,6 @@ def load_data(cfg, device):
     return Data(train_x, train_y.long(), test_x, test_y.long(), classes, mean, std)
 
 
-def keep_on_device(what, n_images, shape, cfg, device, streamable=True):
-    # Before any pixel is read: the data set's size as uint8 against the free memory of the
-    # device (and of the RAM it is read into on the way, shared by this machine's processes).
-    # Kept on the device if it takes at most half of it, which leaves room for the model,
-    # the activations and the rest of the machine; else streamed. --data overrides.
-    need = n_images * math.prod(shape) / 1e9                      # GB
-    free = free_memory(device)
-    fits = free is None or need <= free / 2e9
-    have = "free memory unknown" if free is None else f"{free / 1e9:.1f} GB free"
-    if not fits and (cfg.data == "device" or not streamable):
-        raise UserError(f"{what} is {need:.2f} GB as uint8, more than half of the {have} on "
-                        f"{device}; " + ("use --data stream (or auto) to read it from disk."
-                                         if streamable else "use a smaller --image-size."))
-    keep = not streamable or cfg.data == "device" or (cfg.data == "auto" and fits)
-    print(f"data: {what}, {need:.2f} GB as uint8, {have} on {device}: " +
-          ("kept on the device" if keep else "streamed from disk") + f" (--data {cfg.data})")
-    return keep
-
-
-def free_memory(device):
-    # Bytes free on a GPU, or in RAM (Linux's MemAvailable, shared by the processes of a
-    # torchrun node): whichever is less. None where RAM cannot be read (macOS, Windows).
-    ram = None
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        with open("/proc/meminfo") as f:
-            kb = next(line for line in f if line.startswith("MemAvailable:")).split()[1]
-            ram = int(kb) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if device.type == "cuda":
-        gpu = torch.cuda.mem_get_info(device)[0]
-        return gpu if ram is None else min(gpu, ram)
-    return ram
-
-
 def batches(x, y, spans, order=None):
     # The images (uint8, on the device) and labels of each span [a, b) of `order` (None: the
     # stored order). Kept on the device: indexing. Streamed: a DataLoader reads the same
@@ -754,15 +723,19 @@ def train_one_epoch(model, data, opt, sched, scaler, cfg, precision, device, epo
     steps = steps_per_epoch(n, cfg)
     seen = min(n, steps * bs)
     order, pad, shift, mirror = epoch_plan(n, cfg, epoch, device)
-    # Global batch s is positions s*bs... of `order`; this process trains on its share.
+    # Batch s is positions s*bs to (s+1)*bs - 1 of `order`; this process trains on its share
+    # of each (section 9), which on one device is the whole batch.
     spans = [my_share(s * bs, min(n, s * bs + bs)) for s in range(steps)]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    live = sys.stdout.isatty() or in_notebook()                   # rewrite one progress line
+    # In a terminal or notebook one progress line is rewritten 20 times an epoch, in a log
+    # file 4 lines are written. Rank 0's screen decides for all: every process must reach
+    # the progress line's all-reduce at the same steps.
+    live = from_rank_0(sys.stdout.isatty() or in_notebook())
     show_every = max(1, steps // (20 if live else 4))
     t0 = time.time()
     for step, (x, y) in enumerate(batches(data.train_x, data.train_y, spans, order)):
-        a, b = spans[step]                                        # (B,) images: y and x
+        a, b = spans[step]                                        # positions in the epoch
         x = augment(x, pad, shift[a:b], None if mirror is None else mirror[a:b])
         x = data.normalize(x)                                     # (B, C, H, W) float
         share = len(y) * world_size() / min(bs, n - step * bs)    # 1.0 on one device
@@ -827,10 +800,11 @@ def evaluate(model, data, cfg, precision, device):
 # gradients are still being computed, so the communication mostly hides behind the work.
 # What the processes agree on without a word: the initial weights (the same seed; DDP
 # copies rank 0's too) and each epoch's order and augmentation (epoch_plan, section 7).
-# What they sum by all-reduce: the gradients, and the counts of losses, correct
-# predictions and pixel values. Rank 0 alone prints and writes files (the run folder,
-# checkpoints, figures); together() tells the others whether that worked, so that a full
-# disk stops every process with one sentence, rather than leaving N-1 waiting for rank 0.
+# What they add up by all-reduce: the gradients, the losses and correct predictions of
+# training and evaluation, and the pixel sums of the channel statistics. Rank 0 alone
+# prints and writes files (the run folder, checkpoints, figures); together() tells the
+# others whether that worked, so that a full disk stops every process with one sentence,
+# rather than leaving N-1 waiting for rank 0.
 # -----------------------------------------------------------------------------------------
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -901,16 +875,24 @@ def start_processes(name):
         raise UserError("torchrun cannot use Apple's MPS (torch.distributed has no backend "
                         "for it); run `python vit.py` instead.")
     if device.type == "cuda":
-        n, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
+        n, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
         if n > gpus:
             raise UserError(f"torchrun started {n} processes on a machine with {gpus} "
                             f"GPU(s); use --nproc-per-node={gpus}.")
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (ValueError, RuntimeError) as e:       # e.g. WORLD_SIZE set, but no torchrun
+        raise UserError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']}, but the other processes "
+                        f"cannot be reached ({str(e).splitlines()[0][:150]}); start vit.py "
+                        f"with torchrun, or unset WORLD_SIZE.") from None
     if rank() != 0:                               # one copy of every line: rank 0's
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore")
+    # DDP warns that the CLS token's gradient (a sum over the batch, laid out as a slice of
+    # a larger one) must be copied into its all-reduce bucket: true, and for D numbers.
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
     return device
 
 
@@ -1139,7 +1121,9 @@ def restore(ckpt, path, cfg, data, model, opt, sched, scaler, steps, device):
 # load_data (section 7) gets CIFAR-10 and FashionMNIST from torchvision, and reads a folder
 # data set, as --predict reads your images, with read_image. Real folders are untidy: gray
 # and colour images mixed, an odd size, 16-bit scans, phone photos stored sideways,
-# notebook and macOS litter. Each is handled here, or refused in one sentence.
+# notebook and macOS litter. Each is handled here, or refused in one sentence. A data set
+# too big to keep in memory is left on disk and streamed (keep_on_device decides; ImageFiles
+# and stream read it).
 # -----------------------------------------------------------------------------------------
 OFFLINE_HINT = ("if this machine is offline, point --data-root at a folder that already holds "
                 "the data set, or --dataset at an image folder with train/ and test/ subfolders")
@@ -1304,6 +1288,39 @@ def load_image_folder(cfg, device):
         splits += [x, y]
     refuse_unreadable(bad)
     return splits, classes
+
+
+def keep_on_device(what, n_images, shape, cfg, device, streamable=True):
+    # Before any pixel is read: the data set's size as uint8 against the free memory of the
+    # device (and of the RAM it is read into on the way, shared by this machine's processes).
+    # Kept on the device if it takes at most half of it, which leaves room for the model,
+    # the activations and the rest of the machine; else streamed. --data overrides.
+    need = n_images * math.prod(shape) / 1e9                      # GB
+    free = free_memory(device)
+    fits = free is None or need <= free / 2e9
+    have = "free memory unknown" if free is None else f"{free / 1e9:.1f} GB free"
+    if not fits and (cfg.data == "device" or not streamable):
+        raise UserError(f"{what} is {need:.2f} GB as uint8, more than half of the {have} on "
+                        f"{device}; " + ("use --data stream (or auto) to read it from disk."
+                                         if streamable else "use a smaller --image-size."))
+    keep = not streamable or cfg.data == "device" or (cfg.data == "auto" and fits)
+    print(f"data: {what}, {need:.2f} GB as uint8, {have} on {device}: " +
+          ("kept on the device" if keep else "streamed from disk") + f" (--data {cfg.data})")
+    return keep
+
+
+def free_memory(device):
+    # Bytes free on a GPU, or in RAM (Linux's MemAvailable, shared by the processes of a
+    # torchrun node): whichever is less. None where RAM cannot be read (macOS, Windows).
+    ram = None
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/meminfo") as f:
+            kb = next(line for line in f if line.startswith("MemAvailable:")).split()[1]
+            ram = int(kb) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type == "cuda":
+        gpu = torch.cuda.mem_get_info(device)[0]
+        return gpu if ram is None else min(gpu, ram)
+    return ram
 
 
 class ImageFiles(torch.utils.data.Dataset):
