@@ -1686,6 +1686,26 @@ def test_a_streamed_run_gives_exactly_the_numbers_of_an_in_memory_run(colors, tm
     assert acc == read_metrics(tmp_path / "stream")[-1]["test_acc"]
 
 
+def test_ctrl_c_while_streaming_is_one_sentence(colors, tmp_path):
+    # Ctrl-C reaches the whole process group, DataLoader's workers too; at any moment
+    # (workers starting, running, stopping) the run must end in the one sentence.
+    here = os.path.dirname(os.path.abspath(__file__))
+    for delay in (0.2, 0.7):
+        out = tmp_path / f"run{delay}"
+        p = subprocess.Popen([sys.executable, "vit.py", "--dataset", colors, "--epochs", "300",
+                              "--data", "stream", "--out", str(out)] + SMALL[2:], cwd=here,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        t0 = time.time()
+        while not (out / "checkpoint.pth").exists() and time.time() - t0 < 60:
+            time.sleep(0.01)
+        time.sleep(delay)
+        os.killpg(p.pid, signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+        assert p.returncode == 130, err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("interrupted after"), err
+
+
 def test_a_folder_too_big_for_memory_is_streamed_or_refused(colors, tmp_path, capsys,
                                                             monkeypatch):
     # 36 RGB images of 16x16 are 27,648 bytes; with 40,000 bytes free, they take more than

@@ -49,6 +49,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -575,7 +576,7 @@ def batches(x, y, spans, order=None):
         images = (x[where[a:b]] for a, b in spans)
     else:
         images = stream(x, [order[a:b].tolist() for a, b in spans], y.device)
-    for (a, b), x_ab in zip(spans, images):
+    for x_ab, (a, b) in zip(images, spans):   # images first: it ends as a stream should
         yield x_ab, y[where[a:b]]
 
 
@@ -769,7 +770,7 @@ def evaluate(model, data, cfg, precision, device):
     spans = [(i, min(i + bs, hi)) for i in range(lo, hi, bs)]
     loss_sum = torch.zeros((), device=device)
     preds = torch.zeros(n, dtype=torch.long, device=device)       # (n,)
-    for (a, b), (x, y) in zip(spans, batches(data.test_x, data.test_y, spans)):
+    for (x, y), (a, b) in zip(batches(data.test_x, data.test_y, spans), spans):
         if cfg.compile and len(x) < bs:                           # never augmented
             x = torch.cat([x, x.new_zeros(bs - len(x), *x.shape[1:])])
         with autocast(precision, device):
@@ -1354,12 +1355,53 @@ def stream(files, index_lists, device):
     if in_notebook() and torch.multiprocessing.get_start_method() != "fork":
         workers = 0           # spawned workers cannot find a class defined in a notebook
     loader = torch.utils.data.DataLoader(files, batch_sampler=index_lists, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         worker_init_fn=quiet_worker)
+    with ctrl_c_held():
+        loaded = iter(loader)                                     # the workers start
     try:
-        for x in loader:
+        for x in loaded:
             yield x.to(device, non_blocking=True)                 # (B, C, S, S) uint8
     except UserError as e:    # raised in a worker, and wrapped in its traceback: one line
         raise UserError(str(e).strip().splitlines()[-1].split("UserError: ")[-1]) from None
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):            # e.g. killed for memory
+            raise
+        raise UserError(f"a process reading the images stopped ({str(e).splitlines()[0]}); "
+                        f"the checkpoints written so far are kept.") from None
+    finally:
+        with ctrl_c_held():
+            del loaded                                            # the workers stop
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    # Ctrl-C reaches every process of the terminal's group. While workers start and stop, it
+    # is only noted, and raised right after: a worker hit as it starts would end the run in a
+    # traceback, and a Ctrl-C inside DataLoader's own clean-up would be swallowed. The
+    # workers (forked while it is held) then ignore it; the main process stops the run in
+    # one sentence (run_in_folder).
+    pressed = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:                 # not the main thread: its signals are not ours
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        if pressed:
+            raise KeyboardInterrupt
+
+
+def quiet_worker(worker_id):
+    # A worker ignores Ctrl-C (ctrl_c_held), and says nothing when the main process, so
+    # stopped, breaks off a batch being handed over: a closed connection, which the thread
+    # that hands tensors over (multiprocessing's resource sharer) reports to sys.excepthook.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = lambda kind, error, trace: (
+        None if issubclass(kind, (EOFError, OSError)) else sys.__excepthook__(kind, error, trace))
 
 
 # -----------------------------------------------------------------------------------------
