@@ -904,9 +904,9 @@ def start_processes(name):
 # checkpoint.pth is what resuming needs to give exactly the numbers of a run never stopped:
 # every state the next step reads. The weights; AdamW's two running averages per weight and
 # its step count; the epoch, from which the schedule's step follows; the fp16 scaler's
-# scale; the random generators, which decide the next epoch's order, crops and flips (the
-# CPU's, and the one of the GPU or Mac in use, since those are drawn on the device); and
-# the metrics and configuration so far.
+# scale; the random generators, which draw dropout's masks (the CPU's, and the one of the
+# GPU or Mac in use); and the metrics and configuration so far. (The order, crops and flips
+# need no saved state: they are drawn anew from (seed, epoch), section 7.)
 # Both are written to a temporary file and renamed, so a crash mid-write never leaves a
 # half-written file. Both are loaded with weights_only=True: the unpickler then accepts only
 # tensors and plain containers, so a booby-trapped file cannot run code. A run folder holds
@@ -1039,9 +1039,9 @@ def load_file(path, what):
 
 
 def rng_state(device):
-    # Every random draw (shuffle, crop, flip, dropout) continues from these states: saved,
-    # they make the resumed epochs draw exactly what the uninterrupted run would have. Only
-    # the device in use: a run saved on a 2-GPU machine must resume on a 1-GPU one.
+    # Dropout's draws continue from these states: saved, they make the resumed epochs draw
+    # exactly what the uninterrupted run would have. Only the device in use: a run saved on
+    # a 2-GPU machine must resume on a 1-GPU one.
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
