@@ -1147,8 +1147,8 @@ def load_torchvision(name, cfg, device):
     splits = []
     for train in (True, False):
         # Under torchrun rank 0 first: it downloads the files, and the others then find them.
-        first, then = (together(lambda: get(train), here) for here in (rank() == 0, rank() > 0))
-        ds = first if rank() == 0 else then
+        ds = together(lambda: get(train), rank() == 0)
+        ds = together(lambda: get(train), rank() > 0) or ds
         x = torch.as_tensor(ds.data)                              # (n, H, W[, C]) uint8
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)   # (n, C, H, W)
         splits += [x.contiguous(), torch.as_tensor(ds.targets)]
