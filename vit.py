@@ -2045,6 +2045,7 @@ def main(argv=None):
         if in_notebook():          # argparse printed the help, or its usage and error
             return None
         raise
+    error = None
     try:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (args.eval or args.predict or
                                                          args.benchmark):
@@ -2071,9 +2072,12 @@ def main(argv=None):
         error = type(e)(str(e))                   # without its traceback (see below)
     finally:
         # torchrun: leave the process group, after freeing what still uses it: DDP's objects
-        # sit in reference cycles, which only the garbage collector frees.
+        # sit in reference cycles, which only the garbage collector frees. After a run that
+        # went well, all processes leave together (after a failure another may be gone).
         if dist.is_available() and dist.is_initialized():
             gc.collect()
+            if error is None and sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":        # one copy of the sentence: rank 0's
         print(error if isinstance(error, Interrupted) else f"error: {error}", file=sys.stderr)
