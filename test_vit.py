@@ -432,7 +432,7 @@ def test_augment_crops_and_flips_exactly_as_drawn():
     _, _, shift, mirror = vit.epoch_plan(500, cfg, epoch=1, device=torch.device("cpu"))
     assert {tuple(s) for s in shift.tolist()} == {(a, b) for a in range(3) for b in range(3)}
     assert 200 < mirror.sum() < 300
-    assert vit.epoch_plan(500, replace(cfg, flip=False), 1, torch.device("cpu"))[3] is None
+    assert not vit.epoch_plan(500, replace(cfg, flip=False), 1, torch.device("cpu"))[3].any()
     # the same (seed, epoch) draws the same plan; another epoch another
     again = vit.epoch_plan(500, cfg, epoch=1, device=torch.device("cpu"))
     other = vit.epoch_plan(500, cfg, epoch=2, device=torch.device("cpu"))
@@ -484,9 +484,9 @@ def test_cli_run_writes_all_outputs(trained_run, capsys):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     records = json.load(open(os.path.join(out, "metrics.json")))
     assert [r["epoch"] for r in records] == [1, 2]
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"):
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s"):
         assert all(isinstance(r[key], float) for r in records), key
-    assert records[-1]["lr"] < 1e-6                   # the cosine ends at zero on the budget
+    assert vit.lr_at(6, 6, vit.Config()) == 0        # the cosine ends at zero on the budget
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     saved = torch.load(os.path.join(out, "model.pth"), weights_only=True)
     assert saved["classes"] == ["blue", "red"] and saved["config"]["image_size"] == 16
@@ -561,8 +561,8 @@ def test_a_crash_keeps_the_last_checkpoint_and_resume_continues_exactly(precisio
     assert len(resumed) == 4 and full[-1]["test_acc"] == 1.0       # it trained
     # Same data order, same augmentation, same schedule: the same numbers as without a crash.
     for a, b in zip(resumed, full):
-        assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx(
-            {k: v for k, v in b.items() if k != "seconds"})
+        assert {k: v for k, v in a.items() if k != "images_per_s"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "images_per_s"})
 
 
 # ------------------------------------------------------------------------------------------
@@ -780,9 +780,9 @@ def test_cuda_uses_tf32_where_it_pays_and_never_cudnn_attention(name, capability
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            vit.choose_precision("fp32", torch.device("cpu"))
+            vit.fast_cuda(torch.device("cpu"))
             assert read() == before and cudnn_sdp == []            # the CPU is left alone
-            vit.choose_precision("fp32", torch.device("cuda"))
+            vit.fast_cuda(torch.device("cuda"))
         assert read() == (("tf32" if new_api else "high") if tf32 else before)
         assert cudnn_sdp == [False]
     finally:
@@ -790,22 +790,6 @@ def test_cuda_uses_tf32_where_it_pays_and_never_cudnn_attention(name, capability
             torch.backends.cuda.matmul.fp32_precision = before
         else:
             torch.set_float32_matmul_precision(before)
-
-
-def test_the_gpu_random_generator_of_the_device_in_use_is_saved(monkeypatch):
-    # A checkpoint from a 2-GPU machine must resume on one GPU: one state, that of the device
-    # in use (get_rng_state_all would save one per GPU, and set_rng_state_all needs as many).
-    state, restored = torch.arange(4, dtype=torch.uint8), []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": state)
-    monkeypatch.setattr(torch.cuda, "set_rng_state",
-                        lambda s, device="cuda": restored.append((s, device)))
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", None)   # never called
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", None)
-    saved = vit.rng_state(torch.device("cuda:0"))
-    assert torch.equal(saved["cuda"], state)
-    vit.set_rng_state(saved, torch.device("cuda:0"))
-    assert len(restored) == 1 and torch.equal(restored[0][0], state)
-    assert restored[0][1] == torch.device("cuda:0")
 
 
 def test_fp32_builds_no_autocast_context(colors, tmp_path, monkeypatch):
@@ -816,50 +800,40 @@ def test_fp32_builds_no_autocast_context(colors, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     vit.main(["--dataset", colors, "--out", out, "--precision", "fp32"] + SMALL[2:])
     vit.main(["--eval", os.path.join(out, "model.pth"), "--precision", "fp32"])
-    vit.main(["--benchmark", "--precision", "fp32", "--dim", "16", "--depth", "1", "--heads", "2",
-              "--mlp-dim", "32", "--batch-size", "4", "--device", "cpu"])
 
 
-def test_an_unsupported_autocast_is_one_sentence(monkeypatch, capsys):
+def test_an_unsupported_autocast_is_one_sentence(colors, tmp_path, monkeypatch, capsys):
     def old_torch(*a, **k):               # what torch <= 2.4 raises for any MPS autocast
         raise RuntimeError("User specified an unsupported autocast device_type 'mps'")
     monkeypatch.setattr(torch, "autocast", old_torch)
-    fails_with(["--benchmark", "--precision", "bf16", "--device", "cpu"], capsys,
-               "cannot run bf16 autocast", "--precision fp32")
+    monkeypatch.setattr(vit, "train", None)                    # nothing may train
+    fails_with(["--dataset", colors, "--out", str(tmp_path / "r"), "--precision", "bf16"]
+               + SMALL, capsys, "cannot run bf16 autocast", "--precision fp32")
+    assert not (tmp_path / "r").exists()
 
 
-def test_a_skipped_fp16_step_keeps_the_schedule(monkeypatch):
-    # A scale of 2^127 overflows every gradient: the scaler skips the optimizer step, but the
-    # schedule steps all the same (no warning), so the cosine still ends on the last step.
+def test_a_skipped_fp16_step_changes_no_weight_and_halves_the_scale():
+    # A scale of 2^127 overflows every gradient: the scaler skips AdamW's step (no weight
+    # moves) and halves its scale; the learning rate is still the one given for the step.
     model = tiny_vit()
     cfg = vit.Config(epochs=1, warmup=0.5)
-    opt, sched = vit.build_optimizer(model, cfg, 4)
-    _, reference = vit.build_optimizer(tiny_vit(), cfg, 4)
+    opt = vit.build_optimizer(model, cfg, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            vit.train_step(model, x, y, opt, sched, scaler, cfg, "fp16", torch.device("cpu"))
-    assert not [w for w in caught if "lr_scheduler" in str(w.message)], caught
-    for _ in range(2):
-        vit.step_schedule(reference)
+    for lr in (1e-3, 2e-3):
+        vit.train_step(model, x, y, opt, scaler, cfg, "fp16", lr)
+        assert all(g["lr"] == lr for g in opt.param_groups)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # skipped
     assert scaler.get_scale() == 2.0 ** 125                         # halved twice
-    assert sched.get_last_lr() == reference.get_last_lr()
 
 
-def test_the_mac_random_generator_is_saved_and_restored(monkeypatch):
-    saved = torch.arange(8, dtype=torch.uint8)
-    restored = []
-    monkeypatch.setattr(torch.mps, "get_rng_state", lambda *a: saved)
-    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, *a: restored.append(state))
-    state = vit.rng_state(torch.device("mps"))
-    assert torch.equal(state["mps"], saved) and "cpu" in state
-    vit.set_rng_state(state, torch.device("mps"))
-    assert restored and torch.equal(restored[0], saved)
-    assert "mps" not in vit.rng_state(torch.device("cpu"))
+def test_adamw_is_fused_on_cuda_only(monkeypatch):
+    made = []
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, **k: made.append(k))
+    for device in ("cuda", "cpu", "mps"):
+        vit.build_optimizer(tiny_vit(), vit.Config(), torch.device(device))
+    assert [k["fused"] for k in made] == [True, False, False]
 
 
 def test_parameter_names_are_timms():
@@ -888,8 +862,8 @@ def test_predict_agrees_with_eval_on_test_images(trained_run, tmp_path, capsys):
     # --eval's path: the image folder decoded, normalised with the saved statistics, evaluated
     model, cfg, saved = vit.load_model(model_pth, torch.device("cpu"))
     data = vit.load_data(replace_dataset(cfg, folder), torch.device("cpu"))
-    data.mean, data.std = saved["mean"], saved["std"]
-    _, _, preds = vit.evaluate(model, data.to("cpu"), cfg, "fp32", torch.device("cpu"))
+    data.mean, data.std = (torch.tensor(saved[k]) for k in ("mean", "std"))
+    _, _, preds = vit.evaluate(model, data, cfg, "fp32")
     assert labels[:-1] == [data.classes[p] for p in preds.tolist()]
     assert labels[-1] == labels[0]                                  # the JPEG of the first
     for line, path in zip(lines, files + [jpeg]):                   # "file: cls p%, cls p%"
@@ -950,8 +924,8 @@ def test_a_diverging_run_stops_with_one_sentence_and_writes_no_nan(colors, tmp_p
     # every later step is nan. (Naturally diverging runs are slow or depend on the CPU.)
     real, steps = vit.train_step, []
 
-    def blow_up_after_one_step(model, *a):
-        result = real(model, *a)
+    def blow_up_after_one_step(model, *a, **k):
+        result = real(model, *a, **k)
         steps.append(1)
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
@@ -963,7 +937,7 @@ def test_a_diverging_run_stops_with_one_sentence_and_writes_no_nan(colors, tmp_p
                      "diverged in epoch 1", "no checkpoint was written", "lower --lr")
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()                         # nothing worth keeping: folder given back
-    assert len(steps) < 3                           # stopped at the first look at the loss
+    assert len(steps) == 3                          # stopped at the end of epoch 1
 
 
 def test_divergence_keeps_the_last_good_checkpoint(colors, tmp_path, capsys, monkeypatch):
@@ -973,7 +947,7 @@ def test_divergence_keeps_the_last_good_checkpoint(colors, tmp_path, capsys, mon
 
     def poison_epoch_2(model, *a, **k):
         result = real(model, *a, **k)
-        if a[-1] == 2:                                         # the epoch number
+        if a[5] == 2:                                          # the epoch number
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
         return result
@@ -1014,9 +988,9 @@ def schedule(step, peak, warmup, total):
 def record_lrs(monkeypatch):
     lrs, real = [], vit.train_step
 
-    def recording(model, x, y, opt, *a):
-        lrs.append(opt.param_groups[0]["lr"])                 # the lr this step uses
-        return real(model, x, y, opt, *a)
+    def recording(model, x, y, opt, scaler, cfg, precision, lr, **k):
+        lrs.append(lr)                                        # the lr this step uses
+        return real(model, x, y, opt, scaler, cfg, precision, lr, **k)
     monkeypatch.setattr(vit, "train_step", recording)
     return lrs
 
@@ -1048,10 +1022,10 @@ def test_clip_grad_zero_means_no_clipping(monkeypatch):
     monkeypatch.setattr(nn.utils, "clip_grad_norm_", refuse)
     model, reference = tiny_vit(), tiny_vit()
     cfg = vit.Config(epochs=1, clip_grad=0)
-    opt, sched = vit.build_optimizer(model, cfg, 4)
+    opt = vit.build_optimizer(model, cfg, torch.device("cpu"))
     x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
-    vit.train_step(model, x, y, opt, sched, torch.amp.GradScaler("cpu", enabled=False), cfg,
-                   "fp32", torch.device("cpu"))
+    vit.train_step(model, x, y, opt, torch.amp.GradScaler("cpu", enabled=False), cfg, "fp32",
+                   1e-3)
     nn.functional.cross_entropy(reference(x), y, label_smoothing=0.1).backward()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)                # as computed: not zeroed
@@ -1086,16 +1060,17 @@ def test_many_classes_draw_a_plain_confusion_image(tmp_path, monkeypatch, capsys
         texts.clear()
         y = torch.arange(2 * K) % K
         data = vit.Data(torch.zeros(0), y[:0], torch.zeros(2 * K, 1, 4, 4, dtype=torch.uint8),
-                        y, [f"class{k}" for k in range(K)], [0.5], [0.5])
+                        y, [f"class{k}" for k in range(K)], torch.tensor([0.5]),
+                        torch.tensor([0.5]))
         vit.plot_confusion(data, y.roll(1), str(tmp_path / f"conf{K}.png"))
         vit.plot_mistakes(data, y.roll(1), str(tmp_path / f"mistakes{K}.png"))
         assert len(texts) == cells
         assert os.path.getsize(tmp_path / f"conf{K}.png") > 0
-    assert "the 10 lowest" in capsys.readouterr().out
 
 
-def test_compile_builds_one_graph_for_training_and_one_for_evaluation(tmp_path, monkeypatch):
-    # 26 training images in batches of 8 and 14 test images: both end in a ragged batch.
+def test_compile_builds_one_graph_for_training(tmp_path, monkeypatch):
+    # 26 training images in batches of 8: the ragged last batch is dropped, so training
+    # has one shape; evaluation runs the model uncompiled.
     # A counting backend stands in for inductor (too slow for this suite): it records the
     # input shapes of every graph Dynamo compiles.
     folder = make_image_folder(tmp_path / "colors", n_train=13, n_test=7)
@@ -1112,8 +1087,8 @@ def test_compile_builds_one_graph_for_training_and_one_for_evaluation(tmp_path, 
     vit.main(["--dataset", folder, "--out", str(tmp_path / "run"), "--compile"] + SMALL)
     torch._dynamo.reset()
     batches = {s for graph in shapes for s in graph}
-    assert batches == {(8, 3, 16, 16)}, shapes          # one batch shape, training and eval
-    assert len(shapes) <= 2, shapes                     # one graph each
+    assert batches == {(8, 3, 16, 16)}, shapes          # one batch shape
+    assert len(shapes) == 1, shapes                     # one graph
     assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2]
 
 
@@ -1255,7 +1230,7 @@ def test_transformer_figure_write_failure_is_one_sentence(tmp_path, monkeypatch)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
     with pytest.raises(tf.UserError, match="No space left on device"):
         tf.plot_causal_mask(str(tmp_path / "causal.png"))
-    assert os.listdir(tmp_path) == []                          # no temporary file left
+    assert os.listdir(tmp_path) == []                          # no partial file left
 
 
 # ------------------------------------------------------------------------------------------
@@ -1294,34 +1269,6 @@ def test_a_second_process_cannot_claim_a_claimed_run_folder(tmp_path):
     vit.claim_run_folder(str(tmp_path / "run"))               # as the first process does
     with pytest.raises(vit.UserError, match="already holds a run"):
         vit.claim_run_folder(str(tmp_path / "run"))
-
-
-def test_a_run_folder_being_written_cannot_be_resumed_by_a_second_process(trained_run,
-                                                                          tmp_path, capsys):
-    # Another process resuming the same run holds the folder's lock: a second resume of it
-    # is refused. (The lock is an OS lock, dropped when its process ends.)
-    pytest.importorskip("fcntl", reason="no flock on Windows")
-    _, out, _ = trained_run
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name, data in file_bytes(out).items():
-        (copy / name).write_bytes(data)
-    here = os.path.dirname(os.path.abspath(__file__))
-    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, "
-            "fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(copy / ".lock")],
-                              stdout=subprocess.PIPE, text=True, cwd=here)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        before = file_bytes(copy)
-        fails_with(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3"], capsys,
-                   "another run is writing")
-        assert file_bytes(copy) == before
-    finally:
-        holder.kill()
-        holder.wait()
-    vit.main(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3"])   # lock dropped
-    assert len(read_metrics(copy)) == 3
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(colors, tmp_path, monkeypatch):
@@ -1411,8 +1358,8 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_is_exact(colors, tmp_path
     resumed = read_metrics(out)
     assert len(resumed) == len(full)
     for a, b in zip(resumed, full):
-        assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx(
-            {k: v for k, v in b.items() if k != "seconds"})
+        assert {k: v for k, v in a.items() if k != "images_per_s"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "images_per_s"})
 
 
 def test_ctrl_c_in_a_notebook_prints_the_line_and_returns(colors, tmp_path, capsys,
@@ -1457,9 +1404,9 @@ def test_the_docstring_section_list_matches_the_banners(script):
     text = open(script.__file__).read()
     banners = re.findall(r"^# (\d+)\. ([^:\n]+)", text, flags=re.M)
     banners = [(int(n), title.strip()) for n, title in banners]
-    listed = text[text.index("Sections"):text.index("Shape legend")]
+    listed = " ".join(text[text.index("Sections"):text.index("Shape legend")].split())
     listed = sorted((int(n), t.strip()) for n, t in
-                    re.findall(r"(\d+)\. (.+?)(?=\s{2,}\d+\.|\n)", listed))
+                    re.findall(r"(\d+)\. (.+?)(?=[;.]? \d+\. |[;.]? Part|[;.]? *$)", listed))
     assert [n for n, _ in banners] == list(range(1, len(banners) + 1))
     assert listed == banners
     for n in re.findall(r"[Ss]ections? (\d+)", text):       # every reference names a section
@@ -1478,15 +1425,52 @@ def test_patches_figure_reassembles_the_image_exactly(tmp_path):
         assert os.path.getsize(tmp_path / f"p{C}.png") > 0
 
 
+def test_part_one_alone_trains_a_vit_on_tensors_in_memory():
+    # Everything above the Part II banner, run in a fresh namespace, as a student who stops
+    # reading there would: it must train by itself (and so define every name it uses).
+    source = open(vit.__file__).read()
+    part_one = source[:source.index("\n# Part II")]
+    assert source.count("\n# Part II") == 1 and part_one.count("\n") < 600
+    ns = {"__name__": "part_one"}
+    exec(compile(part_one, "part_one", "exec"), ns)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 60, (96, 1, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.arange(96) % 2
+    x[y == 1, :, :4] += 150                        # class 1: a bright top half
+    cfg = ns["Config"](epochs=4, batch_size=16, lr=3e-3, patch_size=4, dim=16, depth=1,
+                       heads=2, mlp_dim=32, crop_pad=0)
+    data = ns["make_data"](x[:64], y[:64], x[64:], y[64:], ["dark", "bright"], torch.device("cpu"))
+    model, metrics, preds = ns["train"](cfg, data, torch.device("cpu"))
+    assert metrics[-1]["train_loss"] < 0.8 * metrics[0]["train_loss"]
+    assert metrics[-1]["test_acc"] == 1.0 and preds.shape == (32,)
+
+
+def test_a_long_first_run_on_a_cpu_says_so_within_ten_seconds(colors, tmp_path, capsys,
+                                                               monkeypatch):
+    # A faked clock: every look at it, 600 s later. After the first step the run knows it
+    # will take an hour and says what to do; with 4 s a look, it is short and says less.
+    import itertools
+    for tick, minutes, hint in ((600, "60.0", True), (4, "0.4", False)):
+        clock = itertools.count(0, tick)
+        monkeypatch.setattr(vit.time, "time", lambda: next(clock))
+        vit.main(["--dataset", colors, "--out", str(tmp_path / f"run{tick}")] + SMALL)
+        monkeypatch.undo()
+        out = capsys.readouterr().out
+        said = out.index(f"training will take about {minutes} min")
+        assert said < out.index("epoch   1/2")                      # in the first epoch
+        assert ("Runtime > Change runtime type" in out) == hint
+        assert ("--preset cpu" in out) == hint
+
+
 def test_the_shapes_of_one_batch_are_printed_and_match_forward(capsys):
     import re
     model = tiny_vit().eval()
-    vit.show_shapes(model, torch.randn(3, 3, 16, 16))
-    lines = capsys.readouterr().out.splitlines()
-    shapes = [re.search(r"\(([\d, ]+)\)", line).group(1) for line in lines[:-1]]
-    assert shapes == ["3, 3, 16, 16", "3, 16, 48", "3, 16, 32", "3, 17, 32", "3, 17, 32",
-                      "3, 17, 32", "3, 17, 32", "3, 32", "3, 5"]
-    assert lines[-1].strip() == "equals model(images): True"
+    vit.print_shapes(model, torch.randn(3, 3, 16, 16))
+    lines = capsys.readouterr().out.splitlines()[1:]
+    shapes = [re.search(r"\(([\d, ]+)\)", line).group(1) for line in lines]
+    assert shapes == ["3, 3, 16, 16", "3, 16, 32", "3, 17, 32", "3, 17, 32", "3, 32", "3, 5"]
+    assert [line.split()[0] for line in lines] == ["images", "patch", "block", "block", "cls",
+                                                   "logits"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -1528,8 +1512,8 @@ def torchrun(args, n=2, script="vit.py", terminal=False):
 def same_metrics(a, b, rel):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if k != "seconds"} == pytest.approx(
-            {k: v for k, v in y.items() if k != "seconds"}, rel=rel, abs=0)
+        assert {k: v for k, v in x.items() if k != "images_per_s"} == pytest.approx(
+            {k: v for k, v in y.items() if k != "images_per_s"}, rel=rel, abs=0)
 
 
 def crashing(at_evaluation, tmp_path):
@@ -1553,8 +1537,8 @@ def crashing(at_evaluation, tmp_path):
 
 @pytest.fixture(scope="module")
 def thirteen(tmp_path_factory):
-    # 26 training images: batches of 10 split 5 + 5 (the last 3 + 3) over two processes,
-    # batches of 3 split 2 + 1 (the last 1 + 1)
+    # 26 training images: 2 batches of 10 split 5 + 5 over two processes, 8 batches of 3
+    # split 2 + 1 (the last, partial batch is dropped)
     return make_image_folder(tmp_path_factory.mktemp("ddp") / "colors", n_train=13, n_test=7)
 
 
@@ -1572,12 +1556,12 @@ def two_process_run(thirteen, tmp_path_factory):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
-@pytest.mark.parametrize("batch, data", [("10", "device"), ("3", "stream")])
+@pytest.mark.parametrize("batch, data", [("10", "auto"), ("3", "stream")])
 def test_two_processes_train_as_one_with_the_same_global_batch(batch, data, thirteen,
                                                                two_process_run, tmp_path):
     # Streamed, each process reads only its own share of each batch from disk.
     vit.main(ddp_args(thirteen, batch) + ["--out", str(tmp_path / "one")])
-    if data == "device":
+    if data == "auto":
         two, out = two_process_run
     else:
         out = tmp_path / "two"                              # and rank 0 in a terminal
@@ -1585,8 +1569,6 @@ def test_two_processes_train_as_one_with_the_same_global_batch(batch, data, thir
                        terminal=True)
         assert two.returncode == 0, two.stderr
         assert "streamed from disk (--data stream)" in two.stdout
-        # 9 steps: the live progress line every step; the log file's would be every 2nd
-        assert "\r  epoch 1 [1/9] loss" in two.stdout
     # the same numbers, up to the order in which the sums were added
     same_metrics(read_metrics(out), read_metrics(tmp_path / "one"), rel=1e-5)
     lines = [line.strip() for line in two.stdout.replace("\r", "\n").splitlines()]
@@ -1627,9 +1609,10 @@ def test_a_write_that_fails_on_rank_0_stops_every_process_with_one_sentence(colo
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
-def test_a_failure_on_another_rank_reaches_rank_0s_sentence(colors, tmp_path):
-    # Rank 1 alone cannot read the data (as on a second machine without it): rank 0, which
-    # alone prints, must say so, and no process may wait for the other.
+def test_a_failure_on_another_rank_stops_every_process(colors, tmp_path):
+    # Rank 1 alone cannot read the data (as on a second machine without it): it stops, and
+    # torchrun then stops rank 0 and reports it; no process may wait for the other (a hang
+    # would run into torchrun()'s timeout).
     wrapper = tmp_path / "rank1_fails.py"
     wrapper.write_text(
         "import os, sys\n"
@@ -1643,9 +1626,8 @@ def test_a_failure_on_another_rank_reaches_rank_0s_sentence(colors, tmp_path):
     run = torchrun(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL[2:],
                    script=str(wrapper))
     assert run.returncode != 0
-    ours = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert ours == ["error: process 1: cannot read the image folder here"], run.stderr
-    assert not (tmp_path / "run").exists()                  # the claimed folder given back
+    assert "local_rank: 1" in run.stderr and "exitcode: 1" in run.stderr, run.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")
 
 
 @pytest.mark.parametrize("env, flags, words", [
@@ -1672,8 +1654,8 @@ def test_what_torchrun_cannot_do_is_one_sentence(env, flags, words, colors, monk
 def test_a_streamed_run_gives_exactly_the_numbers_of_an_in_memory_run(colors, tmp_path,
                                                                      capsys):
     args = ["--dataset", colors, "--epochs", "2", "--precision", "fp32"] + SMALL[2:]
-    vit.main(args + ["--out", str(tmp_path / "memory"), "--data", "device"])
-    assert "kept on the device (--data device)" in capsys.readouterr().out
+    vit.main(args + ["--out", str(tmp_path / "memory")])
+    assert "kept on the device (--data auto)" in capsys.readouterr().out
     vit.main(args + ["--out", str(tmp_path / "stream"), "--data", "stream"])
     assert "streamed from disk (--data stream)" in capsys.readouterr().out
     same_metrics(read_metrics(tmp_path / "stream"), read_metrics(tmp_path / "memory"), rel=0)
@@ -1706,18 +1688,12 @@ def test_ctrl_c_while_streaming_is_one_sentence(colors, tmp_path):
         assert len(err.strip().splitlines()) == 1 and err.startswith("interrupted after"), err
 
 
-def test_a_folder_too_big_for_memory_is_streamed_or_refused(colors, tmp_path, capsys,
+def test_a_folder_too_big_for_memory_is_streamed(colors, tmp_path, capsys,
                                                             monkeypatch):
     # 36 RGB images of 16x16 are 27,648 bytes; with 40,000 bytes free, they take more than
-    # half: auto streams them, --data device is refused before any pixel is read.
+    # half: auto streams them; with 60,000 they are kept.
     monkeypatch.setattr(vit, "free_memory", lambda device: 40_000)
-    read = []
-    real = vit.read_image
-    monkeypatch.setattr(vit, "read_image", lambda *a: read.append(1) or real(*a))
     args = ["--dataset", colors, "--epochs", "1"] + SMALL[2:]
-    fails_with(args + ["--out", str(tmp_path / "refused"), "--data", "device"], capsys,
-               "0.00 GB as uint8, more than half of the 0.0 GB free", "--data stream")
-    assert not read and not (tmp_path / "refused").exists()
     vit.main(args + ["--out", str(tmp_path / "auto")])
     assert "streamed from disk (--data auto)" in capsys.readouterr().out
     monkeypatch.setattr(vit, "free_memory", lambda device: 60_000)

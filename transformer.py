@@ -17,7 +17,7 @@ Run it:
 Papers:
   Vaswani et al. 2017, "Attention Is All You Need", https://arxiv.org/abs/1706.03762
 
-Sections (each a banner "# N. Title" below; test_vit.py checks that the two lists agree):
+Sections (each a banner "# N. Title" below):
   1. Positional encoding                   8. Greedy decoding
   2. Masks                                 9. The toy task
   3. Scaled dot-product attention         10. Training and evaluation
@@ -336,7 +336,6 @@ def random_digit_strings(n, min_len, max_len, generator):
 
 
 def make_batch(strings):
-    # Pad a list of digit strings into (src, tgt_in, tgt_out) tensors.
     B, L = len(strings), max(len(s) for s in strings)
     src = torch.full((B, L), PAD)                                        # (B, S)
     tgt_in = torch.full((B, L + 1), PAD)                                 # (B, T): BOS y1 .. yn
@@ -361,10 +360,8 @@ def make_datasets(cfg):
 
 # -----------------------------------------------------------------------------------------
 # 10. Training and evaluation
-# Adam with the paper's betas (0.9, 0.98), a linear warmup over the first 10% of steps (from
-# 1/25 of the peak) then half a cosine down to zero at the last step (lr_factor, through
-# torch's LambdaLR), label smoothing 0.1 as in the paper, PAD positions ignored by the loss,
-# and gradient clipping for safety.
+# Adam with the paper's betas, warmup then half a cosine to zero (lr_factor, via LambdaLR),
+# label smoothing 0.1 as in the paper, PAD positions ignored by the loss, gradient clipping.
 # -----------------------------------------------------------------------------------------
 @dataclass
 class Config:
@@ -405,13 +402,25 @@ def loss_fn(logits, tgt_out, label_smoothing=0.1):
 
 
 def lr_factor(step, warmup, total):
-    # the learning rate before step `step` (0 ... total), as a fraction of the peak
+    # The rate after `step` updates, as a fraction of the peak; update k runs at lr_factor(k-1):
+    # 0.04 at the first, rising linearly to 1 at update warmup + 1 (warmup: 10% of the steps),
+    # then half a cosine that is 0 after the last update (the last runs at 3e-6 in 1000 steps).
+    # Why warmup: Adam's moment estimates rest on a few batches at first (after one, its step is
+    # lr * sign(gradient): every weight moves by the full rate), and large early steps can wreck
+    # attention, post-norm (section 6) most of all. Starting at 1/25 of the peak, not 0, wastes
+    # no update. Why a cosine, not the paper's d_model^-0.5 * min(step^-0.5, step * 4000^-1.5):
+    # that decays as 1/sqrt(step), never reaches 0, and ties the peak to d_model and a warmup
+    # sized for 100k-step runs. A run of a fixed, short budget usually ends best with the rate
+    # annealed to 0 at its last step, and the cosine, a pure function of the step, fits any --steps.
     if step < warmup:
         return 0.04 + 0.96 * step / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def train(model, train_strings, cfg, device, log_every=250):
+    # beta2 is the decay of Adam's running mean of squared gradients, which sets each weight's
+    # step size: the paper's 0.98 averages over ~50 steps (torch's 0.999: ~1000), so the step
+    # size keeps up when the gradient scale changes fast, as early in training. eps: the paper's.
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
     warmup = max(1, round(0.1 * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, cfg.steps))
@@ -441,8 +450,7 @@ def train(model, train_strings, cfg, device, log_every=250):
 
 @torch.no_grad()
 def exact_match(model, strings, device, batch_size=500):
-    # Fraction of sequences whose free-running greedy output equals the target exactly
-    # (every digit and the EOS in the right place).
+    # Fraction of strings whose free-running greedy output is the target exactly, EOS included.
     model.eval()
     correct = 0
     for i in range(0, len(strings), batch_size):
@@ -455,9 +463,8 @@ def exact_match(model, strings, device, batch_size=500):
 
 # -----------------------------------------------------------------------------------------
 # 11. Shape walk-through
-# The shapes the courses ask about, for d_model = 768, 12 heads and 5 tokens. We replay the
-# steps of MultiHeadAttention.forward one by one, print each shape, and check that the result
-# equals the module's own output.
+# The shapes courses ask about, for d_model = 768, 12 heads and 5 tokens: we replay the steps
+# of MultiHeadAttention.forward one by one, print each shape, and check the module agrees.
 # -----------------------------------------------------------------------------------------
 def walk_through_shapes(d_model=768, n_tokens=5):
     torch.manual_seed(0)
@@ -494,9 +501,8 @@ def walk_through_shapes(d_model=768, n_tokens=5):
 
 
 def show_pytorch_weight_layout(d_model=4, n_heads=2):
-    # nn.MultiheadAttention keeps W_q, W_k and W_v stacked in one (3D, D) in_proj_weight
-    # (rows 0..D-1 are W_q, then W_k, then W_v) and W_o in out_proj. We copy the three
-    # slices into our separate W_q, W_k, W_v and get the same output.
+    # nn.MultiheadAttention stacks W_q, W_k, W_v in one (3D, D) in_proj_weight (rows 0..D-1
+    # are W_q) and keeps W_o in out_proj; copied into our three, they give the same output.
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
     ours = MultiHeadAttention(d_model, n_heads)
@@ -538,22 +544,18 @@ def in_notebook():
 
 
 def save_figure(fig, path):
-    # Written under a temporary name and renamed when complete; a failed write (a full
-    # disk) removes it and says which file, in one sentence.
     import matplotlib.pyplot as plt
-    tmp = path + ".tmp"
     try:
         fig.tight_layout()
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
+        fig.savefig(path, dpi=120)
         if in_notebook():
             plt.show()
-    except OSError as e:
+    except OSError as e:                        # a full disk: no partial PNG, one sentence
+        if os.path.exists(path):
+            os.remove(path)
         raise UserError(f"could not write {path!r} ({e.strerror or e}).") from None
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     print(f"saved {path}")
 
 
