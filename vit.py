@@ -51,15 +51,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class UserError(Exception):
-    # A problem the user can fix: main() prints its one sentence instead of a traceback.
-    status = 1
-
-
-class Diverged(UserError):       # a loss of nan or inf: the weights are lost
-    pass
-
-
 def in_notebook():
     # In a Jupyter kernel (Colab, Kaggle, VS Code): progress in place, figures inline.
     return "ipykernel" in sys.modules
@@ -111,7 +102,7 @@ class Attention(nn.Module):
         self.d_head = dim // heads
         self.fused = fused
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)           # W_o: mixes what the heads found
         # nn.Dropout follows .train() / .eval() (F.dropout drops at test time too, unless told)
         self.attn_drop = nn.Dropout(dropout)
         self.proj_drop = nn.Dropout(dropout)
@@ -151,6 +142,7 @@ class Attention(nn.Module):
 # Why pre-norm, when the original Transformer normalises after the sum: the path from input
 # to output is then a clean identity, so gradients reach early layers undamped and training
 # is stable without a long warmup (Xiong et al. 2020); the price, a final LayerNorm.
+# (LayerNorm's eps is 1e-6 here, as in torchvision and timm, where PyTorch's default is 1e-5.)
 # -----------------------------------------------------------------------------------------
 class MLP(nn.Module):
     def __init__(self, dim, mlp_dim, dropout=0.0):
@@ -208,7 +200,7 @@ class ViT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        # The original ViT code's initialisation (torchvision's too): Xavier-uniform linear
+        # torchvision's initialisation (after the original ViT code's): Xavier-uniform linear
         # layers, a LeCun-normal patch projection (std 1/sqrt(C*P*P): patch tokens start at
         # unit scale), position embeddings with std 0.02, zero biases, CLS token and head.
         # The zero head makes every first prediction uniform.
@@ -240,9 +232,9 @@ class ViT(nn.Module):
 # 5. Configuration and presets
 # Every option lives in one dataclass; the command line (section 15) is generated from it.
 # A preset is a named bundle of defaults; an option given explicitly always wins over it.
-# default: CIFAR-10 on a GPU: patch 4 on 32x32 images (64 tokens, fine enough to see
+# default: CIFAR-10 on a GPU: patch 4 on 32x32 images (64 patches, fine enough to see
 # shapes), a narrow model with MLP ratio 2 (small data cannot feed a wide one), light
-# augmentation. cpu: FashionMNIST on a laptop CPU in about 5 minutes: 7x7 patches (16 tokens,
+# augmentation. cpu: FashionMNIST on a laptop CPU in about 5 minutes: 7x7 patches (16 of them,
 # cheap attention), a narrow, shallow model (docs/experiments.md: what each choice gave).
 # tiny: CIFAR-10 with a model.pth under 1 MB.
 # -----------------------------------------------------------------------------------------
@@ -341,8 +333,8 @@ def autocast(precision, device):
 # -----------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    train_x: torch.Tensor          # (n_train, C, H, W) uint8 on the device (or section 10's
-    train_y: torch.Tensor          # (n_train,) int64               ImageFiles, on disk)
+    train_x: torch.Tensor          # (n_train, C, H, W) uint8 on the device (section 10:
+    train_y: torch.Tensor          # (n_train,) int64                or files on disk)
     test_x: torch.Tensor           # (n_test, C, H, W)
     test_y: torch.Tensor           # (n_test,)
     classes: list                  # K names; label k is classes[k]
@@ -350,14 +342,15 @@ class Data:
     std: torch.Tensor              # (C,)
 
     def normalize(self, x):
-        # uint8 (B, C, H, W) -> float, zero mean and unit variance per channel (section 4's scale)
+        # uint8 (B, C, H, W) -> float, zero mean, unit variance per channel: what the initial
+        # weights (section 4) expect
         return (x.float() / 255 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
 
 def channel_stats(chunks, n_pixels, total=lambda t: t):
     # Mean and std per channel of n_pixels pixels in chunks (b, C, H, W) uint8; integer
     # sums are exact, in any order and over any number of processes (total).
-    sums = [torch.zeros(()), torch.zeros(())]
+    sums = [torch.zeros((), dtype=torch.long)] * 2               # int64: exact
     for chunk in chunks:
         c = chunk.long().cpu()                                    # (b, C, H, W)
         sums = [sums[0] + c.sum(dim=(0, 2, 3)), sums[1] + (c * c).sum(dim=(0, 2, 3))]
@@ -378,13 +371,13 @@ def make_data(train_x, train_y, test_x, test_y, classes, device):
 def epoch_plan(n, cfg, epoch, device):
     # The order of the training images and each position's crop and flip, drawn for the epoch
     # from (seed, epoch) alone: a resumed run draws what the uninterrupted run drew, and the
-    # processes of a data-parallel run (section 9) all draw the same, without a word.
+    # processes of a data-parallel run (section 9) draw the same with no communication.
     g = torch.Generator().manual_seed(cfg.seed * 1_000_000 + epoch)
     order = torch.randperm(n, generator=g)                        # a new order every epoch
     pad = cfg.crop_pad if cfg.augment else 0
     shift = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)    # (n, 2): rows, columns
     mirror = torch.rand(n, generator=g) < 0.5                     # (n,): a coin for each
-    mirror &= cfg.augment and cfg.flip
+    mirror &= cfg.augment and cfg.flip                            # --no-flip: all False
     return order.to(device), pad, shift.to(device), mirror.to(device)
 
 
@@ -417,9 +410,9 @@ def batches(x, y, index_lists):
 # 8. Training
 # One step, in this order (train_step):
 #   1. forward under autocast (section 6), and the loss: cross-entropy with label smoothing
-#      0.1 (the target: 0.9 on the true class, 0.1 spread over all). A one-hot target is met
-#      only by infinite logits, so the model would keep growing its weights on examples it
-#      already gets right; a smoothed one is met by finite logits.
+#      0.1 (the target: 0.1 spread over all K classes, the other 0.9 on the true one). A
+#      one-hot target is met only by infinite logits, so the model would keep growing its
+#      weights on examples it already gets right; a smoothed one is met by finite logits.
 #   2. backward: the loss's gradient for every parameter, added into .grad (so zeroed first);
 #      in fp16 the loss is first multiplied by a large scale, so small gradients survive.
 #   3. unscale: divide the gradients by that scale again, before anything reads them.
@@ -434,11 +427,11 @@ def batches(x, y, index_lists):
 # Warmup, then cosine: Adam's first running averages rest on a handful of batches, and large
 # steps then can wreck the attention; so the learning rate rises linearly from 0.1% of its
 # peak over the first 5% of steps, then follows half a cosine down to zero: large steps far
-# from a good solution, ever smaller ones to settle into it. A function of the step alone, so
-# a resumed run, even with a new --epochs, gets exactly its value. The last, partial batch of
-# an epoch is dropped (DataLoader's drop_last): every step has the same size, and the order
-# is new every epoch. Losses are summed on the device and read once an epoch: every .item()
-# makes the CPU wait for the GPU.
+# from a good solution, ever smaller ones to settle into it. It depends on the step and the
+# run's length alone (lr_at), so a resumed run, even with a new --epochs, gets exactly the
+# value of its schedule. An epoch's last, partial batch is dropped: every step has the same
+# size, and the order is new every epoch. Losses are summed on the device and read once an
+# epoch (and once a second for the progress line): every .item() waits for the GPU.
 # -----------------------------------------------------------------------------------------
 def use_fused_attn(cfg, device):
     # fused CPU attention has a slow backward (docs/benchmark.py); on GPUs fused is the fast one
@@ -505,8 +498,8 @@ def my_share(a, b, hooks):
 
 def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, first=False):
     model.train()                                                 # dropout on
-    torch.manual_seed(cfg.seed * 1_000_000 + epoch)               # dropout's masks, as the plan
-    n, bs = len(data.train_y), min(cfg.batch_size, len(data.train_y))
+    torch.manual_seed(cfg.seed * 1_000_000 + epoch)   # dropout's masks: from (seed, epoch) too
+    n, bs = len(data.train_y), min(cfg.batch_size, len(data.train_y))   # tiny data: 1 batch
     steps = n // bs                                               # the last partial batch: out
     order, pad, shift, mirror = epoch_plan(n, cfg, epoch, data.train_y.device)
     spans = [my_share(s * bs, s * bs + bs, hooks) for s in range(steps)]
@@ -564,6 +557,10 @@ def evaluate(model, data, cfg, precision):
 def train(cfg, data, device, hooks=Hooks()):
     # Set-up, then the loop. The seed before the model: the same seed, the same initial
     # weights. The model on the device before the optimizer: AdamW's state then lives there.
+    cfg.image_size = data.train_x.shape[-1]           # the data's size, saved with the run
+    if cfg.crop_pad is None:
+        cfg.crop_pad = round(cfg.image_size / 8)      # 4 pixels on 32x32 CIFAR-10, the classic
+    print(f"config: {cfg}")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.train_x.shape[1], len(data.classes), device).to(device)
     opt = build_optimizer(model, cfg, device)
@@ -579,9 +576,9 @@ def train(cfg, data, device, hooks=Hooks()):
     for epoch in range(start, cfg.epochs + 1):
         train_loss, train_acc, rate = train_one_epoch(train_model, data, opt, scaler, cfg,
                                                       precision, epoch, hooks, epoch == start)
-        test_loss, test_acc, preds = evaluate(model, data, cfg, precision)
+        test_loss, test_acc, preds = evaluate(model, data, cfg, precision)   # plain model
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):   # stop before saving
-            raise Diverged(f"training diverged in epoch {epoch} (the loss became nan or "
+            raise FloatingPointError(f"training diverged in epoch {epoch} (the loss became nan or "
                            f"inf); try a lower --lr than {cfg.lr}")
         metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                             test_loss=test_loss, test_acc=test_acc,
@@ -596,9 +593,8 @@ def train(cfg, data, device, hooks=Hooks()):
 
 
 
-# Part II, the tool. The lesson ends here. What follows is plumbing: many GPUs, data files,
-# checkpoints and run folders, figures, the command line. It changes training only through
-# Part I's Hooks, and never trains by itself.
+# Part II, the tool. The lesson ends here; what follows is plumbing, which changes training
+# only through Part I's Hooks.
 import argparse
 import json
 import os
@@ -614,20 +610,23 @@ from dataclasses import asdict, fields, replace
 import torch.distributed as dist
 
 
+class UserError(Exception):
+    # A problem the user can fix: main() prints its one sentence instead of a traceback.
+    status = 1
+
+
 class Interrupted(UserError):
     status = 130                  # the shell's status for a program stopped by Ctrl-C
 
 
 # -----------------------------------------------------------------------------------------
 # 9. Many devices: data parallel, with torchrun
-# `torchrun --nproc-per-node=N vit.py ...` starts N copies of this program, one per GPU (or N
-# processes on a CPU), each told its rank in environment variables. Every process holds the
-# same model and trains on its share of every batch (Hooks.rank, .world); DDP averages the
-# gradients inside backward() (an all-reduce, overlapped with the rest of backward), so all
-# take the same step: the one-device run with the same --batch-size, up to rounding. The
-# initial weights (the same seed) and each epoch's plan (section 7) agree without a word;
-# losses and counts are summed (all_sum). Rank 0 alone writes files. A process that fails
-# ends, and torchrun then stops the others.
+# `torchrun --nproc-per-node=N vit.py` starts N copies, one per GPU, each told its rank.
+# Each trains on its share of every batch (Hooks.rank, .world); DDP averages the gradients
+# inside backward() (an all-reduce), so all take the same step: the one-device run with the
+# same --batch-size, up to rounding. Weights (the seed) and each epoch's plan (section 7)
+# agree without a word; losses and counts are summed. Rank 0 alone writes files. A process
+# that fails ends, and torchrun stops the others.
 # -----------------------------------------------------------------------------------------
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -646,24 +645,6 @@ def all_sum(t):
     return t
 
 
-def from_rank_0(obj):
-    # Rank 0's value of obj, on every process (e.g. the name of the run folder it made).
-    box = [obj]
-    if world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def pick_device(name=None):
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if name and not available.get(name.split(":")[0], False):
-        raise UserError(f"device {name!r} is not available here; use cpu"
-                        + ", cuda" * available["cuda"] + ", mps" * available["mps"] + ".")
-    return torch.device(name or ("cuda" if available["cuda"] else
-                                 "mps" if available["mps"] else "cpu"))
-
-
 def fast_cuda(device):
     # From compute capability 8.0 float32 products use TF32 (by the newer API, if there).
     # cuDNN's attention kernel has had wrong results for lengths not a multiple of 128.
@@ -680,7 +661,12 @@ def fast_cuda(device):
 def start_processes(name):
     # This process's device; under torchrun one GPU a process (LOCAL_RANK), joined by NCCL,
     # or CPU processes by gloo.
-    device = pick_device(name)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if name and not available.get(name.split(":")[0], False):
+        raise UserError(f"device {name!r} is not available here; use cpu"
+                        + ", cuda" * available["cuda"] + ", mps" * available["mps"] + ".")
+    device = torch.device(name or next(d for d in ("cuda", "mps", "cpu") if available[d]))
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return fast_cuda(device)
     if device.type == "mps":
@@ -707,11 +693,10 @@ def start_processes(name):
 
 # -----------------------------------------------------------------------------------------
 # 10. Data files: torchvision's data sets, your image folders, your images
-# CIFAR-10 and FashionMNIST come from torchvision; a folder data set is read, as --predict
-# reads your images, by read_image. Real folders are untidy: gray and colour images mixed,
-# odd sizes, 16-bit scans, phone photos stored sideways, notebook and macOS litter. Each is
-# handled, or refused in one sentence. A folder too big for memory stays on disk (ImageFiles)
-# and each batch is decoded by a pool of threads while the previous one trains.
+# A folder data set is read, as --predict reads your images, by read_image. Real folders are
+# untidy (gray and colour mixed, odd sizes, 16-bit scans, phone photos stored sideways,
+# notebook and macOS litter): each is handled or refused in one sentence. A folder too big
+# for memory stays on disk (ImageFiles), each batch decoded by threads as the last trains.
 # -----------------------------------------------------------------------------------------
 KNOWN_SIZES = {"cifar10": 32, "fashionmnist": 28}          # known before any download
 OFFLINE_HINT = ("if this machine is offline, point --data-root at a folder that already holds "
@@ -729,7 +714,7 @@ def load_data(cfg, device):
     train_x, train_y, test_x, test_y, classes = load_image_folder(cfg, device)
     if isinstance(train_x, torch.Tensor):
         return make_data(train_x, train_y, test_x, test_y, classes, device)
-    lo, hi = my_share(0, len(train_x), Hooks(rank=rank(), world=world_size()))
+    lo, hi = my_share(0, len(train_x), Hooks(rank=rank(), world=world_size()))  # stats: shared
     mean, std = channel_stats(train_x.stream(torch.arange(lo, hi).split(256), "cpu"),
                               len(train_x) * train_x.size ** 2, all_sum)
     return Data(train_x, train_y.to(device), test_x, test_y.to(device), classes,
@@ -737,50 +722,53 @@ def load_data(cfg, device):
 
 
 def load_torchvision(name, cfg, device):
-    # torchvision downloads the files once (CIFAR-10 170 MB, FashionMNIST 30 MB) and keeps a
-    # split in one array, .data: (n, H, W, C) or (n, H, W) uint8.
+    # downloaded once (CIFAR-10 170 MB, FashionMNIST 30 MB); .data: (n, H, W[, C]) uint8
     import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10,
            "fashionmnist": torchvision.datasets.FashionMNIST}[name]
-    def get(train):
+    splits = []
+    for train in (True, False):
+        if rank() > 0:
+            dist.barrier()                        # rank 0 downloads first, then the others
         try:
-            return cls(cfg.data_root, train=train, download=True)
+            ds = cls(cfg.data_root, train=train, download=True)
         except Exception as e:                    # URLError, RuntimeError, ...: "no data"
             raise UserError(f"could not find or download {name} in {cfg.data_root!r} "
                             f"({' '.join(str(e).split())}); {OFFLINE_HINT}.") from None
-    splits = []
-    for train in (True, False):
-        ds = get(train) if rank() == 0 else None  # under torchrun rank 0 downloads first
-        if world_size() > 1:
+        if rank() == 0 and world_size() > 1:
             dist.barrier()
-        ds = ds or get(train)
         x = torch.as_tensor(ds.data)                              # (n, H, W[, C]) uint8
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)   # (n, C, H, W)
         splits += [x.contiguous(), torch.as_tensor(ds.targets)]
     size = cfg.image_size or splits[0].size(-1)
     if size != splits[0].size(-1):                                # resized once, in chunks
-        keep_in_memory(f"{name} at {size}x{size} px", len(splits[1]) + len(splits[3]),
+        fits_in_memory(f"{name} at {size}x{size} px", len(splits[1]) + len(splits[3]),
                        (splits[0].size(1), size, size), cfg, device, streamable=False)
-        for i in (0, 2):
-            splits[i] = torch.cat([F.interpolate(c.float(), size=size, mode="bilinear",
+        splits[0::2] = [torch.cat([F.interpolate(c.float(), size=size, mode="bilinear",
                                                  antialias=True).round().clamp(0, 255).byte()
-                                   for c in splits[i].split(256)])
+                                   for c in x.split(256)]) for x in splits[0::2]]
     return (*splits, list(ds.classes))
 
 
 def read_image(path, mode, size):
-    # One image file -> uint8 (C, size, size): turned upright as its EXIF tag says (phones
-    # store photos sideways), brought to 8 bits, converted to "L" (gray) or "RGB", the
-    # shorter side resized to `size`, and the centre cut square.
+    # One image file -> uint8 (C, size, size): upright as its EXIF tag says (phones store
+    # photos sideways), 16-bit and float pixels scaled to 8 bits (Pillow's convert() would
+    # clip them: a 16-bit scan white, a float one black), converted to "L" (gray) or "RGB",
+    # the shorter side resized to `size`, the centre cut square.
+    import numpy as np
     from PIL import Image, ImageOps
     from torchvision.transforms import functional as TF
-    if os.path.isdir(path):
-        raise UserError(f"{path!r} is a folder; give image files (for example {path}/*.jpg).")
     if not os.path.isfile(path):
-        raise UserError(f"image {path!r} does not exist.")
+        raise UserError(f"{path!r} is a folder; give image files (for example {path}/*.jpg)."
+                        if os.path.isdir(path) else f"image {path!r} does not exist.")
     try:
         with Image.open(path) as im:
-            im = to_8_bits(ImageOps.exif_transpose(im)).convert(mode)
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I") or im.mode == "F":
+                x = np.asarray(im, dtype=np.float64)
+                x *= 255 / 65535 if im.mode.startswith("I") else 255 if x.max() <= 1 else 1
+                im = Image.fromarray(x.round().clip(0, 255).astype(np.uint8))   # mode "L"
+            im = im.convert(mode)
             if im.size != (size, size):
                 im = TF.center_crop(TF.resize(im, size, antialias=True), size)
             return TF.pil_to_tensor(im)                           # (C, size, size)
@@ -788,59 +776,40 @@ def read_image(path, mode, size):
         raise UserError(f"cannot read {path!r} as an image ({e}).") from None
 
 
-def to_8_bits(im):
-    # Pillow's convert() clips 16-bit and float pixels to 0..255 instead of scaling them: a
-    # 16-bit scan would come out white, a float one (0..1) black.
-    import numpy as np
-    from PIL import Image
-    if not (im.mode.startswith("I") or im.mode == "F"):
-        return im
-    x = np.asarray(im, dtype=np.float64)
-    scale = 255 / 65535 if im.mode.startswith("I") else 255 if x.max() <= 1 else 1
-    return Image.fromarray((x * scale).round().clip(0, 255).astype(np.uint8))   # mode "L"
-
-
 def list_split(folder):
     # ImageFolder's layout, folder/<class>/**/*.jpg, labels from the sorted class names;
     # hidden entries (.ipynb_checkpoints/, macOS's ._photo.jpg) are not data.
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir()
-                     and not e.name.startswith("."))
-    def wanted(path):
-        parts = os.path.relpath(path, folder).split(os.sep)
-        return path.lower().endswith(IMG_EXTENSIONS) and not any(p.startswith(".") for p in parts)
-    items = make_dataset(folder, {c: k for k, c in enumerate(classes)}, is_valid_file=wanted,
-                         allow_empty=True)
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name[0] != ".")
+    items = make_dataset(folder, {c: k for k, c in enumerate(classes)}, allow_empty=True,
+                         is_valid_file=lambda f: f.lower().endswith(IMG_EXTENSIONS) and not any(
+                             p.startswith(".") for p in os.path.relpath(f, folder).split(os.sep)))
     return [f for f, _ in items], torch.tensor([k for _, k in items], dtype=torch.long), classes
 
 
 def load_image_folder(cfg, device):
-    # folder/train/<class>/... and folder/test/<class>/..., each split made one tensor: RGB
-    # if any image has colour, else gray; --image-size, else the commonest shorter side. A
-    # first pass reads only the headers (cheap) to decide both, and whether the data fits.
+    # folder/{train,test}/<class>/..., each split one tensor: RGB if any image has colour,
+    # else gray; --image-size, else the commonest shorter side. A first pass reads only the
+    # headers (cheap) to decide both, and whether the data fits in memory.
     from PIL import Image
     path = cfg.dataset
-    missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(path, s))]
+    missing = [s + "/" for s in ("train", "test") if not os.path.isdir(os.path.join(path, s))]
     if missing:
-        raise UserError(f"{path!r} has no {' or '.join(s + '/' for s in missing)} subfolder; an "
-                        f"image folder needs train/<class>/... and test/<class>/... images.")
+        raise UserError(f"{path!r} has no {' or '.join(missing)} subfolder; an image folder "
+                        f"needs train/<class>/... and test/<class>/... images.")
     try:
         (train_files, train_y, classes), (test_files, test_y, test_classes) = (
             list_split(os.path.join(path, s)) for s in ("train", "test"))
     except OSError as e:                                          # e.g. no permission
         raise UserError(f"cannot read the image folder {path!r} ({e}).") from None
-    if classes != test_classes:
-        raise UserError(f"train/ and test/ of {path!r} hold different classes "
-                        f"({classes} vs {test_classes}).")
-    if len(classes) < 2:
-        raise UserError(f"{path!r} has {len(classes)} class folder(s) in train/; a classifier "
-                        f"needs at least two.")
-    empty = [c for k, c in enumerate(classes) if not (train_y == k).any()]
-    if empty or not test_files:
-        raise UserError(f"{path!r} has no images in " + (f"train/{empty[0]}/" if empty else
-                        "test/") + ".")
-    modes, shapes, bad = set(), Counter(), []
-    files = train_files + test_files
+    empty = [f"train/{c}/" for k, c in enumerate(classes) if not (train_y == k).any()]
+    problem = (f"train/ and test/ hold different classes ({classes} vs {test_classes})"
+               if classes != test_classes else f"has {len(classes)} class folder(s) in train/; "
+               f"a classifier needs at least two" if len(classes) < 2 else
+               f"has no images in {(empty + ['test/'])[0]}" if empty or not test_files else "")
+    if problem:
+        raise UserError(f"{path!r} {problem}.")
+    modes, shapes, bad, files = set(), Counter(), [], train_files + test_files
     for file in files:
         try:
             with Image.open(file) as im:                          # reads the header only
@@ -849,9 +818,9 @@ def load_image_folder(cfg, device):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             bad.append(file)
     if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise UserError(f"{len(bad)} files cannot be read as images: {', '.join(bad[:3])}"
-                        f"{more}; remove or replace them.")
+                        + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                        + "; remove or replace them.")
     mode = "L" if modes <= GRAY_MODES else "RGB"
     sides = Counter()
     for shape, n in shapes.items():
@@ -865,42 +834,37 @@ def load_image_folder(cfg, device):
           f"{sum(n for s, n in shapes.items() if s != (size, size)):,} of {len(files):,} "
           f"resized or cropped")
     shape = (1 if mode == "L" else 3, size, size)
-    keep = keep_in_memory(f"{len(files):,} images of {shape}", len(files), shape, cfg, device)
-    splits = []
-    for files, y in ((train_files, train_y), (test_files, test_y)):
-        x = ImageFiles(files, mode, size)                         # left on disk
-        splits += [x[:] if keep else x, y]                        # or decoded once, now
-    return (*splits, classes)
+    keep = fits_in_memory(f"{len(files):,} images of {shape}", len(files), shape, cfg, device)
+    x, x_test = ImageFiles(train_files, mode, size), ImageFiles(test_files, mode, size)
+    if keep:
+        x, x_test = x[:], x_test[:]                               # decoded once, now
+    return x, train_y, x_test, test_y, classes
 
 
-def keep_in_memory(what, n_images, shape, cfg, device, streamable=True):
-    # The data set as uint8 against the free memory of the device (and of the RAM it passes
-    # through, shared by this machine's processes): kept if it takes at most half of it.
-    need = n_images * math.prod(shape) / 1e9                      # GB
+def fits_in_memory(what, n_images, shape, cfg, device, streamable=True):
+    # The data as uint8 against the free memory (of the device and the RAM): at most half.
     free = free_memory(device)
-    fits = free is None or need <= free / 2e9
+    need = n_images * math.prod(shape) / 1e9                      # GB
     have = "free memory unknown" if free is None else f"{free / 1e9:.1f} GB free"
-    if not fits and not streamable:
+    if not streamable and free is not None and need > free / 2e9:
         raise UserError(f"{what} is {need:.2f} GB as uint8, more than half of the {have} on "
                         f"{device}; use a smaller --image-size.")
-    keep = fits and cfg.data != "stream"
+    keep = (free is None or need <= free / 2e9) and cfg.data != "stream"
     print(f"data: {what}, {need:.2f} GB as uint8, {have} on {device}: " +
           ("kept on the device" if keep else "streamed from disk") + f" (--data {cfg.data})")
     return keep
 
 
 def free_memory(device):
-    # Bytes free on a GPU or in RAM (Linux's MemAvailable, shared by the processes of a
-    # torchrun node), whichever is less; None where RAM cannot be read (macOS, Windows).
+    # Bytes free on the GPU and in RAM (Linux's MemAvailable, shared by a torchrun node's
+    # processes), the less of the two; None where RAM cannot be read (macOS, Windows).
     ram = None
     with contextlib.suppress(OSError, StopIteration, ValueError):
         with open("/proc/meminfo") as f:
             kb = next(line for line in f if line.startswith("MemAvailable:")).split()[1]
             ram = int(kb) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if device.type == "cuda":
-        gpu = torch.cuda.mem_get_info(device)[0]
-        return gpu if ram is None else min(gpu, ram)
-    return ram
+    return min(torch.cuda.mem_get_info(device)[0], ram or math.inf) if device.type == "cuda" \
+        else ram
 
 
 class ImageFiles:
@@ -912,15 +876,15 @@ class ImageFiles:
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i):                     # an int, a slice or a tensor of indices
         if isinstance(i, int):
             return read_image(self.files[i], self.mode, self.size)   # (C, S, S)
         index = torch.arange(len(self))[i] if isinstance(i, slice) else i
         return torch.cat(list(self.stream(index.cpu().split(256), "cpu")))   # (n, C, S, S)
 
     def stream(self, index_lists, device):
-        # The images of each list, (B, C, S, S) uint8 on the device, decoded by a pool of
-        # threads (Pillow lets go of Python's lock while it decodes), one batch ahead.
+        # Each list's images, (B, C, S, S) uint8 on the device, decoded by threads (Pillow
+        # lets go of Python's lock while it decodes), the next batch while this one trains.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4
         pool = ThreadPoolExecutor(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         submit = lambda idx: [pool.submit(read_image, self.files[j], self.mode, self.size)
@@ -946,7 +910,8 @@ class ImageFiles:
 # folder holds one run: a new run never writes into a folder that holds one.
 # -----------------------------------------------------------------------------------------
 def write_atomically(path, write):
-    # A failed write (full disk, no permission, Ctrl-C) leaves the previous file as it was.
+    # write(tmp), then rename: a failed write (full disk, no permission, Ctrl-C) leaves the
+    # previous file at `path` as it was.
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -956,12 +921,12 @@ def write_atomically(path, write):
         raise UserError(f"could not write {path!r} ({cause}); any earlier version of it is "
                         f"kept.") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
 def writable_folder(path):
-    # Made and tried before any data is read: a typo in --out costs a second, not a run.
+    # made and tried before any data is read: a typo in --out costs a second, not a run
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -971,47 +936,35 @@ def writable_folder(path):
 
 
 def claim_run_folder(out):
-    # A new run claims its folder by creating metrics.json with O_EXCL, which fails if the
-    # file exists: of two runs aimed at one folder exactly one gets it.
-    writable_folder(out)
-    ckpt = os.path.join(out, "checkpoint.pth")
+    # metrics.json created with O_EXCL, which fails if it exists: of two runs aimed at one
+    # folder exactly one gets it, and a folder that holds a run is never written over.
+    ckpt = os.path.join(writable_folder(out), "checkpoint.pth")
     try:
         if os.path.exists(ckpt) or os.path.exists(os.path.join(out, "model.pth")):
             raise FileExistsError
         os.close(os.open(os.path.join(out, "metrics.json"), os.O_CREAT | os.O_EXCL))
     except FileExistsError:
-        hint = (f"continue it with --resume {ckpt}" if os.path.exists(ckpt) else
-                "it is running, or stopped before its first epoch ended (then delete it)")
-        raise UserError(f"{out!r} already holds a run; {hint}, or choose another --out.") \
-            from None
+        raise UserError(f"{out!r} already holds a run; " + (
+            f"continue it with --resume {ckpt}" if os.path.exists(ckpt) else "it is running, "
+            "or stopped before its first epoch ended (then delete it)") +
+            ", or choose another --out.") from None
     save_metrics([], out)
 
 
 def new_run_folder(cfg):
-    # runs/NAME-DATE-TIME; a second run started in the same second gets -2, and so on
-    # (os.mkdir creates the folder or fails: two runs never get one name).
+    # runs/NAME-DATE-TIME, or -2, -3, ... (os.mkdir creates or fails: two runs, two folders)
     base = os.path.join("runs", os.path.basename(os.path.normpath(cfg.dataset)).lower() +
                         "-" + time.strftime("%Y%m%d-%H%M%S"))
     try:
         os.makedirs("runs", exist_ok=True)
-        for n in range(1, 1000):
+        for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
             with contextlib.suppress(FileExistsError):
-                os.mkdir(base if n == 1 else f"{base}-{n}")
-                return base if n == 1 else f"{base}-{n}"
+                os.mkdir(out)
+                return out
     except OSError as e:
         raise UserError(f"cannot create a run folder under {os.path.abspath('runs')!r} "
                         f"({e.strerror or e}); choose one with --out.") from None
     raise UserError(f"{base}-* are all taken; choose a run folder with --out.")
-
-
-def release_run_folder(out):
-    # A run that ends before its first checkpoint gives its folder back (the same command
-    # can then run again).
-    for name in ("metrics.json", "patches.png"):
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(out, name))
-    with contextlib.suppress(OSError):
-        os.rmdir(out)                                             # only if now empty
 
 
 def saved_epoch(out):
@@ -1037,17 +990,16 @@ def load_file(path, what):
 
 
 def save_checkpoint(out, cfg, data, model, opt, scaler, metrics):
-    weights = model.state_dict()
+    # model.pth holds plain data only, so that any program can read it with weights_only
+    weights, in_channels = model.state_dict(), data.train_x.shape[1]
     common = {"classes": data.classes, "mean": data.mean.tolist(), "std": data.std.tolist()}
-    write_atomically(os.path.join(out, "checkpoint.pth"), lambda tmp: torch.save(
-        {"config": asdict(cfg), "model": weights, "optimizer": opt.state_dict(),
-         "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"], "metrics": metrics,
-         **common}, tmp))
-    # plain data only, so that any program can read it with weights_only=True
-    model_cfg = {k: getattr(cfg, k) for k in MODEL_KEYS} | {"in_channels": data.train_x.shape[1]}
-    write_atomically(os.path.join(out, "model.pth"), lambda tmp: torch.save(
-        {"config": model_cfg, "state_dict": weights, "dataset": cfg.dataset,
-         "data_root": cfg.data_root, **common}, tmp))
+    for name, obj in (("checkpoint.pth", {
+            "config": asdict(cfg), "model": weights, "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"], "metrics": metrics}),
+            ("model.pth", {"config": {k: getattr(cfg, k) for k in MODEL_KEYS} | {
+                "in_channels": in_channels}, "state_dict": weights, "dataset": cfg.dataset,
+                "data_root": cfg.data_root})):
+        write_atomically(os.path.join(out, name), lambda tmp: torch.save(obj | common, tmp))
     save_metrics(metrics, out)
 
 
@@ -1326,11 +1278,7 @@ def check_precision(requested, device):
 
 def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
     data = load_data(cfg, device)
-    cfg.image_size = data.train_x.shape[-1]           # resolved now, and saved with the run
-    if cfg.crop_pad is None:
-        cfg.crop_pad = round(cfg.image_size / 8)      # 4 pixels on 32x32 CIFAR-10, the classic
     check_precision(cfg.precision, device)
-    print(f"config: {asdict(cfg)}")
     print(f"data: {cfg.dataset}: {len(data.train_y):,} train and {len(data.test_y):,} test "
           f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes; "
           f"run folder: {out}" + (f", {world_size()} processes" if world_size() > 1 else ""))
@@ -1389,7 +1337,7 @@ def run_in_folder(cfg, device, out, new_folder=True, ckpt=None, ckpt_path=None):
             f"interrupted before an epoch ended; resume again with `{again} --resume "
             f"{ckpt_path}`" if ckpt_path else
             "interrupted before the first epoch ended; nothing was saved") from None
-    except Diverged as e:
+    except FloatingPointError as e:
         done = saved_epoch(out)
         raise UserError(f"{e}; " + (f"the checkpoint of epoch {done} in {out} is kept." if done
                                     else f"no checkpoint was written in {out}.")) from None
@@ -1399,9 +1347,13 @@ def run_in_folder(cfg, device, out, new_folder=True, ckpt=None, ckpt_path=None):
                             f"{str(e).strip().splitlines()[0][:200]}); run without --compile.") \
                 from None
         raise
-    finally:
+    finally:                  # a run that ends before its first checkpoint gives its folder back
         if new_folder and rank() == 0 and not os.path.exists(os.path.join(out, "checkpoint.pth")):
-            release_run_folder(out)
+            for name in ("metrics.json", "patches.png"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(out, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(out)                                     # only if now empty
 
 
 # -----------------------------------------------------------------------------------------
@@ -1585,7 +1537,10 @@ def main(argv=None):
             return resume_run(args, device)[-1]["test_acc"]
         cfg = resolve_config(args)
         validate(cfg)                             # before a run folder is made for it
-        out = args.out or from_rank_0(new_run_folder(cfg) if rank() == 0 else None)
+        box = [args.out or (new_run_folder(cfg) if rank() == 0 else None)]
+        if world_size() > 1:                      # rank 0's run folder, on every process
+            dist.broadcast_object_list(box, src=0)
+        out = box[0]
         return run_in_folder(cfg, device, out)[-1]["test_acc"]
     except KeyboardInterrupt:                     # outside training: nothing to save
         error = Interrupted("interrupted")
