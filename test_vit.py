@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1154,6 +1155,37 @@ def test_predict_turns_a_phone_photo_upright(tmp_path):
     assert x[0, :4].float().mean() > 200 and x[0, -4:].float().mean() < 50
 
 
+def test_hostile_inputs_are_one_sentence(trained_run, colors, tmp_path, capsys):
+    # images straight in train/ (no class folders), a seed that would overflow, a checkpoint
+    # with a key missing or a nan in its configuration, a folder given as a model file
+    flat = tmp_path / "flat"
+    for split in ("train", "test"):
+        save_rgb(str(flat / split / "0.png"), (1, 2, 3))
+    fails_with(["--dataset", str(flat), "--out", str(tmp_path / "r")], capsys,
+               "0 class folder(s)", "train/<class>/")
+    fails_with(["--dataset", colors, "--seed", str(10 ** 15)] + SMALL, capsys,
+               "--seed must be in")
+    _, out, _ = trained_run
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    for broken, words in (({k: v for k, v in ckpt.items() if k != "epoch"}, "not written by"),
+                          ({**ckpt, "config": {**ckpt["config"], "lr": math.nan}}, "does not know")):
+        torch.save(broken, tmp_path / "broken.pth")
+        fails_with(["--resume", str(tmp_path / "broken.pth"), "--epochs", "5"], capsys, words)
+    fails_with(["--eval", out], capsys, "is a folder", "model.pth")
+
+
+def test_running_out_of_memory_is_one_sentence(colors, tmp_path, capsys, monkeypatch):
+    # what the CPU allocator raises for a model far too big (a real one would be killed
+    # by the operating system first, on some machines)
+    def too_big(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 960153606144 bytes.")
+    monkeypatch.setattr(vit, "build_model", too_big)
+    fails_with(["--dataset", colors, "--out", str(tmp_path / "oom")] + SMALL, capsys,
+               "out of memory on cpu", "smaller --batch-size")
+    assert not (tmp_path / "oom").exists()
+
+
 def test_an_image_folder_with_one_class_or_unreadable_files_is_one_sentence(tmp_path, capsys):
     one = tmp_path / "one"
     for split in ("train", "test"):
@@ -1237,7 +1269,8 @@ def test_transformer_figure_write_failure_is_one_sentence(tmp_path, monkeypatch)
 # vit.py: a run is never lost (run folders, full disks, Ctrl-C, moved data)
 # ------------------------------------------------------------------------------------------
 def file_bytes(folder):
-    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, f))}
 
 
 def test_a_new_run_never_writes_into_a_folder_that_holds_a_run(trained_run, colors, tmp_path,
@@ -1411,6 +1444,44 @@ def test_the_docstring_section_list_matches_the_banners(script):
     assert listed == banners
     for n in re.findall(r"[Ss]ections? (\d+)", text):       # every reference names a section
         assert 1 <= int(n) <= len(banners), n
+
+
+def test_the_readme_tells_the_files_as_they_are():
+    # its line counts, Part I's end, its section maps and its options are the files' own
+    import re
+    here = os.path.dirname(os.path.abspath(__file__))
+    readme = open(os.path.join(here, "README.md")).read()
+    source = open(vit.__file__).read()
+    part_one = source[:source.index("\n# Part II")].count("\n")
+    lines = {name: open(os.path.join(here, name)).read().count("\n")
+             for name in ("vit.py", "transformer.py")}
+    assert f"`vit.py` ({lines['vit.py']:,} lines)" in readme
+    assert f"`transformer.py` ({lines['transformer.py']:,} lines)" in readme
+    assert f"**Part I, the lesson** (lines 1–{part_one})" in readme
+    assert f"**Part II, the tool** ({lines['vit.py'] - part_one:,} lines)" in readme
+    for script in (vit, tf):
+        banners = re.findall(r"^# (\d+)\. ", open(script.__file__).read(), flags=re.M)
+        mapped = readme[readme.index(f"`{script.__name__}.py` ("):]
+        mapped = mapped[:mapped.index("\n\n")]
+        assert re.findall(r"(?<![\w,–.])(\d+) (?!lines)[A-Za-z`]", mapped) == banners, mapped
+    section = readme[readme.index("## Options that matter"):readme.index("## Tests")]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    rest = "\n".join(line for line in section.splitlines() if not line.startswith("|"))
+    for script, text in ((vit, table), (tf, rest)):
+        options = {a for action in script.build_parser()._actions for a in action.option_strings}
+        assert set(re.findall(r"`(--[a-z-]+)", text)) <= options, script
+    assert len(readme.splitlines()) <= 250 and "../shared" not in readme
+
+
+def test_the_benchmark_compares_with_torchvision_in_one_run():
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "docs/benchmark.py", "--dim", "16", "--depth", "1",
+                        "--heads", "2", "--mlp-dim", "32", "--batch-size", "4", "--precision",
+                        "fp32", "--device", "cpu"], cwd=here, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"fp32: vit.py [\d,]+ img/s, torchvision [\d,]+ img/s: vit.py is "
+                     r"[\d.]+x as fast", r.stdout), r.stdout
 
 
 def test_patches_figure_reassembles_the_image_exactly(tmp_path):

@@ -523,9 +523,10 @@ def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, firs
         rate = (step + 1) * bs / (now - t0)                       # images a second
         if first and now - t0 >= 10:    # once. Colab's default runtime is a CPU: say so soon
             first, minutes = False, steps * (cfg.epochs - epoch + 1) * bs / rate / 60
-            print(f"\r  training will take about {minutes:,.1f} min" + (
+            print(("\r" if live else "") + f"  training will take about {minutes:,.1f} min" + (
                 ": in Colab choose a GPU runtime (Runtime > Change runtime type), or try "
-                "--preset cpu" if x.device.type == "cpu" and minutes > 30 else "") + " " * 20)
+                "--preset cpu" if x.device.type == "cpu" and minutes > 30 else "") + " " * 20,
+                flush=True)
         if now - shown >= (1 if live else 60):
             msg = f"  epoch {epoch} [{step + 1}/{steps}] loss {loss.item():.3f}, {rate:,.0f} img/s"
             print("\r" + msg if live else msg, end="" if live else "\n", flush=True)
@@ -579,7 +580,7 @@ def train(cfg, data, device, hooks=Hooks()):
         test_loss, test_acc, preds = evaluate(model, data, cfg, precision)   # plain model
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):   # stop before saving
             raise FloatingPointError(f"training diverged in epoch {epoch} (the loss became nan or "
-                           f"inf); try a lower --lr than {cfg.lr}")
+                           f"inf); start a new run with a lower --lr than {cfg.lr}")
         metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                             test_loss=test_loss, test_acc=test_acc,
                             lr=opt.param_groups[0]["lr"], images_per_s=rate))
@@ -709,8 +710,10 @@ def load_data(cfg, device):
     if name in KNOWN_SIZES:
         return make_data(*load_torchvision(name, cfg, device), device)
     if not os.path.isdir(cfg.dataset):
-        raise UserError(f"unknown dataset {cfg.dataset!r}: use cifar10, fashionmnist, or the "
-                        f"path of a folder with train/ and test/ subfolders.")
+        raise UserError(f"there is no folder {cfg.dataset!r} (if the data moved, give --dataset "
+                        f"its new path)." if os.sep in cfg.dataset else f"unknown dataset "
+                        f"{cfg.dataset!r}: use cifar10, fashionmnist, or the path of a folder "
+                        f"with train/ and test/ subfolders.")
     train_x, train_y, test_x, test_y, classes = load_image_folder(cfg, device)
     if isinstance(train_x, torch.Tensor):
         return make_data(train_x, train_y, test_x, test_y, classes, device)
@@ -781,9 +784,11 @@ def list_split(folder):
     # hidden entries (.ipynb_checkpoints/, macOS's ._photo.jpg) are not data.
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name[0] != ".")
+    def wanted(f):
+        return f.lower().endswith(IMG_EXTENSIONS) and not any(
+            p.startswith(".") for p in os.path.relpath(f, folder).split(os.sep))
     items = make_dataset(folder, {c: k for k, c in enumerate(classes)}, allow_empty=True,
-                         is_valid_file=lambda f: f.lower().endswith(IMG_EXTENSIONS) and not any(
-                             p.startswith(".") for p in os.path.relpath(f, folder).split(os.sep)))
+                         is_valid_file=wanted) if classes else []
     return [f for f, _ in items], torch.tensor([k for _, k in items], dtype=torch.long), classes
 
 
@@ -805,7 +810,7 @@ def load_image_folder(cfg, device):
     empty = [f"train/{c}/" for k, c in enumerate(classes) if not (train_y == k).any()]
     problem = (f"train/ and test/ hold different classes ({classes} vs {test_classes})"
                if classes != test_classes else f"has {len(classes)} class folder(s) in train/; "
-               f"a classifier needs at least two" if len(classes) < 2 else
+               f"a classifier needs at least two (train/<class>/...)" if len(classes) < 2 else
                f"has no images in {(empty + ['test/'])[0]}" if empty or not test_files else "")
     if problem:
         raise UserError(f"{path!r} {problem}.")
@@ -912,7 +917,7 @@ class ImageFiles:
 def write_atomically(path, write):
     # write(tmp), then rename: a failed write (full disk, no permission, Ctrl-C) leaves the
     # previous file at `path` as it was.
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"                             # one per process
     try:
         write(tmp)
         os.replace(tmp, path)                                     # atomic on one file system
@@ -974,7 +979,8 @@ def saved_epoch(out):
 
 def load_file(path, what):
     if not os.path.isfile(path):
-        raise UserError(f"{what} {path!r} does not exist.")
+        raise UserError(f"{what} {path!r} " + ("is a folder; give the model.pth or "
+                        "checkpoint.pth in it." if os.path.isdir(path) else "does not exist."))
     try:
         if not zipfile.is_zipfile(path):                          # torch.save writes a zip
             raise ValueError
@@ -1217,10 +1223,9 @@ def make_figures(model, data, preds, out, metrics=None):
 
 # -----------------------------------------------------------------------------------------
 # 13. The training run: Part I's train, with a run folder, checkpoints and figures
-# A new run (or a resumed one branching into a new folder) claims its folder before any data
-# is read, and gives it back if it ends before its first checkpoint. Under torchrun, rank 0
-# alone writes. --compile: torch.compile fuses the model's small operations into a few
-# kernels, for the one batch shape of training (evaluation runs the model as it is).
+# A new run (or one resumed into a new folder) claims its folder before any data is read,
+# and gives it back if it ends before its first checkpoint. --compile: torch.compile fuses
+# the model's small operations into a few kernels, for training's one batch shape.
 # -----------------------------------------------------------------------------------------
 MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "dropout", "pool")
 CHOICES = {"pool": ("cls", "mean"), "precision": ("auto", "bf16", "fp16", "fp32"),
@@ -1243,6 +1248,8 @@ def validate(cfg):
     for name in ("image_size", "crop_pad", "weight_decay", "clip_grad"):
         if (getattr(cfg, name) or 0) < 0:
             raise bad(name, "not be negative")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise bad("seed", "be in [0, 2^32)")
     if cfg.lr > 1:
         raise bad("lr", "be at most 1: AdamW moves every weight by about lr at each step")
     if cfg.lr * cfg.weight_decay >= 1:
@@ -1292,7 +1299,11 @@ def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
             return []
         check_fits(ckpt["classes"], data, ckpt_path)
         load_weights(model, ckpt["model"], ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"the optimizer state in {ckpt_path!r} does not fit this model.") \
+                from None
         if scaler.is_enabled() and ckpt["scaler"]:                 # an fp16 run's scale
             scaler.load_state_dict(ckpt["scaler"])
         return ckpt["metrics"]
@@ -1332,16 +1343,21 @@ def run_in_folder(cfg, device, out, new_folder=True, ckpt=None, ckpt_path=None):
     except KeyboardInterrupt:                   # Ctrl-C, or a notebook's stop button
         done = saved_epoch(out)
         raise Interrupted(
+            "interrupted after the last epoch; the trained model is saved (--eval draws its "
+            "figures)" if done == cfg.epochs else
             f"interrupted after epoch {done}; resume with `{again} --resume "
             f"{os.path.join(out, 'checkpoint.pth')}`" if done else
-            f"interrupted before an epoch ended; resume again with `{again} --resume "
-            f"{ckpt_path}`" if ckpt_path else
-            "interrupted before the first epoch ended; nothing was saved") from None
+            f"interrupted before an epoch ended; resume again with `{again} --resume {ckpt_path}"
+            + (f" --out {out}" if new_folder else "") + f" --epochs {cfg.epochs}`" if ckpt_path
+            else "interrupted before the first epoch ended; nothing was saved") from None
     except FloatingPointError as e:
         done = saved_epoch(out)
         raise UserError(f"{e}; " + (f"the checkpoint of epoch {done} in {out} is kept." if done
                                     else f"no checkpoint was written in {out}.")) from None
-    except Exception as e:
+    except (RuntimeError, MemoryError) as e:
+        if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate" in str(e):
+            raise UserError(f"out of memory on {device} ({str(e).splitlines()[0][:120]}); try a "
+                            f"smaller --batch-size, model or --image-size.") from None
         if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise UserError(f"--compile failed ({type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0][:200]}); run without --compile.") \
@@ -1380,7 +1396,8 @@ def eval_run(args, device):
     model, cfg, saved = load_model(args.eval, device)
     cfg = replace(cfg, dataset=args.dataset or saved["dataset"], data=args.data or "auto",
                   data_root=args.data_root or saved["data_root"])
-    out = writable_folder(args.out or os.path.dirname(os.path.abspath(args.eval)))
+    out = writable_folder(args.out or os.path.join(os.path.dirname(os.path.abspath(args.eval)),
+                                                   "eval"))       # the run's own figures stay
     data = load_data(cfg, device)
     check_fits(saved["classes"], data, args.eval)
     if data.train_x.shape[1] != saved["config"]["in_channels"]:
@@ -1428,15 +1445,11 @@ def predict_run(args, device):
 # -----------------------------------------------------------------------------------------
 HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ subfolders",
         "data_root": "where torchvision data sets are downloaded (default ./data)",
-        "lr": "peak learning rate of AdamW", "warmup": "fraction of steps for the linear warmup",
-        "image_size": "resize images to this size (default: their own)",
-        "dim": "model width D", "depth": "number of encoder blocks",
-        "pool": "classify the CLS token or the mean patch token",
-        "augment": "random crop and flip",
+        "lr": "peak learning rate", "image_size": "resize images to this size (0: their own)",
+        "warmup": "fraction of all steps spent warming up", "epochs": "passes over the data",
         "crop_pad": "random-crop padding in pixels (default: image side / 8; 0: no crop)",
         "clip_grad": "largest global gradient norm (0: no clipping)",
-        "precision": "auto picks per device (section 6 of vit.py)",
-        "attn": "F.scaled_dot_product_attention, or the hand-written path",
+        "precision": "auto picks per device (section 6)", "attn": "auto: fused on GPUs",
         "data": "stream: read an image folder from disk (default: only if too big)"}
 
 
@@ -1490,16 +1503,19 @@ def resume_run(args, device):
     # The checkpoint's run, same model and recipe; --epochs may change (the schedule is then
     # the new length's), --dataset / --data-root say where its data is now, --out branches.
     ckpt = load_file(args.resume, "checkpoint")
-    if "optimizer" not in ckpt:
+    if "state_dict" in ckpt:
         raise UserError(f"{args.resume!r} is a model file; --resume takes a checkpoint.pth.")
+    if not all(k in ckpt for k in ("model", "optimizer", "scaler", "epoch", "metrics")):
+        raise UserError(f"checkpoint {args.resume!r} was not written by this vit.py.")
     try:
         cfg = Config(**ckpt["config"])
-    except TypeError:
+        validate(cfg)
+    except (TypeError, UserError):
         raise UserError(f"{args.resume!r} holds a configuration this vit.py does not "
                         f"know.") from None
     allowed = ("epochs", "dataset", "data_root", "data")
-    ignored = [f.name for f in fields(Config)
-               if getattr(args, f.name) is not None and f.name not in allowed]
+    ignored = [f.name for f in fields(Config) if getattr(args, f.name) not in (None, getattr(
+        cfg, f.name)) and f.name not in allowed]
     if ignored:
         print(f"note: resuming with the checkpoint's own configuration; ignoring "
               f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
