@@ -1740,10 +1740,10 @@ def test_a_streamed_run_gives_exactly_the_numbers_of_an_in_memory_run(colors, tm
 
 
 def test_ctrl_c_while_streaming_is_one_sentence(colors, tmp_path):
-    # Ctrl-C reaches the whole process group, DataLoader's workers too; at any moment
-    # (workers starting, running, stopping) the run must end in the one sentence.
+    # Ctrl-C reaches the whole process group; while the reader's threads decode the next
+    # batch, the run must still end in the one sentence.
     here = os.path.dirname(os.path.abspath(__file__))
-    for delay in (0.2, 0.7):
+    for delay in (0.4,):
         out = tmp_path / f"run{delay}"
         p = subprocess.Popen([sys.executable, "vit.py", "--dataset", colors, "--epochs", "300",
                               "--data", "stream", "--out", str(out)] + SMALL[2:], cwd=here,
