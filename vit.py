@@ -995,6 +995,9 @@ def load_file(path, what):
     return obj
 
 
+MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "dropout", "pool")
+
+
 def save_checkpoint(out, cfg, data, model, opt, scaler, metrics):
     # model.pth holds plain data only, so that any program can read it with weights_only
     weights, in_channels = model.state_dict(), data.train_x.shape[1]
@@ -1227,11 +1230,6 @@ def make_figures(model, data, preds, out, metrics=None):
 # and gives it back if it ends before its first checkpoint. --compile: torch.compile fuses
 # the model's small operations into a few kernels, for training's one batch shape.
 # -----------------------------------------------------------------------------------------
-MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "dropout", "pool")
-CHOICES = {"pool": ("cls", "mean"), "precision": ("auto", "bf16", "fp16", "fp32"),
-           "attn": ("auto", "fused", "manual"), "data": ("auto", "stream")}
-
-
 def validate(cfg):
     # Before anything is loaded, so a typo costs a second, not a download.
     def bad(name, rule):
@@ -1271,7 +1269,8 @@ def validate(cfg):
 
 def check_precision(requested, device):
     # Some torch versions refuse some pairs (MPS autocast before 2.5), others only warn.
-    name = precision_policy(requested, device)[0]
+    # (The policy itself, and its note, come once: from Part I's train.)
+    name = requested if requested != "auto" else precision_policy("auto", device)[0]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -1443,6 +1442,8 @@ def predict_run(args, device):
 # so that a preset can fill it. A user error ends as one line on stderr: from a shell with
 # a non-zero status; in a notebook main() returns None and the notebook goes on.
 # -----------------------------------------------------------------------------------------
+CHOICES = {"pool": ("cls", "mean"), "precision": ("auto", "bf16", "fp16", "fp32"),
+           "attn": ("auto", "fused", "manual"), "data": ("auto", "stream")}
 HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ subfolders",
         "data_root": "where torchvision data sets are downloaded (default ./data)",
         "lr": "peak learning rate", "image_size": "resize images to this size (0: their own)",
