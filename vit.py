@@ -508,7 +508,7 @@ def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, firs
     # A progress line every second in a terminal or notebook (rewritten in place), every
     # minute in a log file; and once, after 10 s, how long the whole run will take.
     live = sys.stdout.isatty() or in_notebook()
-    t0 = shown = time.time()
+    t0 = shown = time.perf_counter()              # made for durations; time.time() is not
     for step, (x, y) in enumerate(batches(data.train_x, data.train_y,
                                           [order[a:b] for a, b in spans])):
         a, b = spans[step]                                        # positions in the epoch
@@ -519,10 +519,12 @@ def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, firs
                                   weight=len(y) * hooks.world / bs)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
-        now = time.time()
+        now = time.perf_counter()
         rate = (step + 1) * bs / (now - t0)                       # images a second
-        if first and now - t0 >= 10:    # once. Colab's default runtime is a CPU: say so soon
-            first, minutes = False, steps * (cfg.epochs - epoch + 1) * bs / rate / 60
+        if step == 0:
+            t1 = now                    # the estimate leaves out step 1: --compile compiles it
+        if first and now - t1 >= 10:    # once. Colab's default runtime is a CPU: say so soon
+            first, minutes = False, steps * (cfg.epochs - epoch + 1) * (now - t1) / step / 60
             print(("\r" if live else "") + f"  training will take about {minutes:,.1f} min" + (
                 ": in Colab choose a GPU runtime (Runtime > Change runtime type), or try "
                 "--preset cpu" if x.device.type == "cpu" and minutes > 30 else "") + " " * 20,
@@ -533,7 +535,7 @@ def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, firs
             shown = now
     if live:
         print("\r" + " " * 70 + "\r", end="")
-    seen, seconds = steps * bs, time.time() - t0
+    seen, seconds = steps * bs, time.perf_counter() - t0
     return hooks.sum(loss_sum).item() / seen, hooks.sum(correct).item() / seen, seen / seconds
 
 
@@ -573,7 +575,7 @@ def train(cfg, data, device, hooks=Hooks()):
           f"precision {precision} ({why})")
     metrics = hooks.restore(model, opt, scaler)                   # [] for a new run
     train_model = hooks.wrap(model)
-    start, t_run = len(metrics) + 1, time.time()
+    start, t_run = len(metrics) + 1, time.perf_counter()
     for epoch in range(start, cfg.epochs + 1):
         train_loss, train_acc, rate = train_one_epoch(train_model, data, opt, scaler, cfg,
                                                       precision, epoch, hooks, epoch == start)
@@ -584,7 +586,8 @@ def train(cfg, data, device, hooks=Hooks()):
         metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                             test_loss=test_loss, test_acc=test_acc,
                             lr=opt.param_groups[0]["lr"], images_per_s=rate))
-        elapsed, done = time.time() - t_run, (epoch - start + 1) / (cfg.epochs - start + 1)
+        elapsed = time.perf_counter() - t_run
+        done = (epoch - start + 1) / (cfg.epochs - start + 1)
         print(f"epoch {epoch:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc "
               f"{100 * train_acc:5.2f}% | test loss {test_loss:.4f} acc {100 * test_acc:5.2f}% "
               f"| {rate:,.0f} img/s | {elapsed / 60:.1f} min, "
@@ -647,21 +650,18 @@ def all_sum(t):
 
 
 def fast_cuda(device):
-    # From compute capability 8.0 float32 products use TF32 (by the newer API, if there).
-    # cuDNN's attention kernel has had wrong results for lengths not a multiple of 128.
+    # From compute capability 8.0 float32 products use TF32, set by the one call that sets
+    # torch's old and new flags alike (torch >= 2.9 refuses to read a mix; Inductor reads the
+    # old). cuDNN's attention kernel has had wrong results for lengths not a multiple of 128.
     if device.type == "cuda":
         if torch.cuda.get_device_capability(device)[0] >= 8:
-            if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-                torch.backends.cuda.matmul.fp32_precision = "tf32"
-            else:
-                torch.set_float32_matmul_precision("high")
+            torch.set_float32_matmul_precision("high")
         torch.backends.cuda.enable_cudnn_sdp(False)
     return device
 
 
 def start_processes(name):
-    # This process's device; under torchrun one GPU a process (LOCAL_RANK), joined by NCCL,
-    # or CPU processes by gloo.
+    # This process's device: under torchrun one GPU a process (LOCAL_RANK) by NCCL, or gloo.
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": torch.backends.mps.is_available()}
     if name and not available.get(name.split(":")[0], False):
@@ -696,25 +696,29 @@ def start_processes(name):
 # 10. Data files: torchvision's data sets, your image folders, your images
 # A folder data set is read, as --predict reads your images, by read_image. Real folders are
 # untidy (gray and colour mixed, odd sizes, 16-bit scans, phone photos stored sideways,
-# notebook and macOS litter): each is handled or refused in one sentence. A folder too big
-# for memory stays on disk (ImageFiles), each batch decoded by threads as the last trains.
+# notebook and macOS litter): each is handled or refused in one sentence.
 # -----------------------------------------------------------------------------------------
 KNOWN_SIZES = {"cifar10": 32, "fashionmnist": 28}          # known before any download
-OFFLINE_HINT = ("if this machine is offline, point --data-root at a folder that already holds "
-                "the data set, or --dataset at an image folder with train/ and test/ subfolders")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}   # Pillow's
 
 
-def load_data(cfg, device):
-    name = cfg.dataset.lower()
-    if name in KNOWN_SIZES:
-        return make_data(*load_torchvision(name, cfg, device), device)
-    if not os.path.isdir(cfg.dataset):
+def load_data(cfg, device, saved=None):
+    # Both splits; for --eval (saved: a model.pth's contents) the test split alone, read with
+    # the saved model's channels and normalised with its mean and std.
+    name, splits = cfg.dataset.lower(), ("test",) if saved else ("train", "test")
+    if name not in KNOWN_SIZES and not os.path.isdir(cfg.dataset):
         raise UserError(f"there is no folder {cfg.dataset!r} (if the data moved, give --dataset "
                         f"its new path)." if os.sep in cfg.dataset else f"unknown dataset "
                         f"{cfg.dataset!r}: use cifar10, fashionmnist, or the path of a folder "
                         f"with train/ and test/ subfolders.")
-    train_x, train_y, test_x, test_y, classes = load_image_folder(cfg, device)
+    loaded = load_torchvision(name, cfg, device, splits) if name in KNOWN_SIZES else \
+        load_image_folder(cfg, device, splits, saved and saved["config"]["in_channels"])
+    if saved:
+        test_x, test_y, classes = loaded
+        return Data(None, None, test_x.to(device) if isinstance(test_x, torch.Tensor) else
+                    test_x, test_y.to(device), classes,
+                    *(torch.tensor(saved[k], device=device) for k in ("mean", "std")))
+    train_x, train_y, test_x, test_y, classes = loaded
     if isinstance(train_x, torch.Tensor):
         return make_data(train_x, train_y, test_x, test_y, classes, device)
     lo, hi = my_share(0, len(train_x), Hooks(rank=rank(), world=world_size()))  # stats: shared
@@ -724,20 +728,22 @@ def load_data(cfg, device):
                 mean.to(device), std.to(device))
 
 
-def load_torchvision(name, cfg, device):
+def load_torchvision(name, cfg, device, wanted):
     # downloaded once (CIFAR-10 170 MB, FashionMNIST 30 MB); .data: (n, H, W[, C]) uint8
     import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10,
            "fashionmnist": torchvision.datasets.FashionMNIST}[name]
     splits = []
-    for train in (True, False):
+    for train in (s == "train" for s in wanted):
         if rank() > 0:
             dist.barrier()                        # rank 0 downloads first, then the others
         try:
             ds = cls(cfg.data_root, train=train, download=True)
         except Exception as e:                    # URLError, RuntimeError, ...: "no data"
             raise UserError(f"could not find or download {name} in {cfg.data_root!r} "
-                            f"({' '.join(str(e).split())}); {OFFLINE_HINT}.") from None
+                            f"({' '.join(str(e).split())}); if this machine is offline, point "
+                            f"--data-root at a folder that already holds the data set, or "
+                            f"--dataset at an image folder with train/ and test/.") from None
         if rank() == 0 and world_size() > 1:
             dist.barrier()
         x = torch.as_tensor(ds.data)                              # (n, H, W[, C]) uint8
@@ -745,7 +751,7 @@ def load_torchvision(name, cfg, device):
         splits += [x.contiguous(), torch.as_tensor(ds.targets)]
     size = cfg.image_size or splits[0].size(-1)
     if size != splits[0].size(-1):                                # resized once, in chunks
-        fits_in_memory(f"{name} at {size}x{size} px", len(splits[1]) + len(splits[3]),
+        fits_in_memory(f"{name} at {size}x{size} px", sum(len(y) for y in splits[1::2]),
                        (splits[0].size(1), size, size), cfg, device, streamable=False)
         splits[0::2] = [torch.cat([F.interpolate(c.float(), size=size, mode="bilinear",
                                                  antialias=True).round().clamp(0, 255).byte()
@@ -792,29 +798,30 @@ def list_split(folder):
     return [f for f, _ in items], torch.tensor([k for _, k in items], dtype=torch.long), classes
 
 
-def load_image_folder(cfg, device):
-    # folder/{train,test}/<class>/..., each split one tensor: RGB if any image has colour,
-    # else gray; --image-size, else the commonest shorter side. A first pass reads only the
-    # headers (cheap) to decide both, and whether the data fits in memory.
+def load_image_folder(cfg, device, wanted, channels=None):
+    # folder/{train,test}/<class>/..., each wanted split one tensor: RGB if any image has
+    # colour, else gray (or the given channels); --image-size, else the commonest shorter
+    # side. A first pass reads only the headers (cheap) to decide, and whether it all fits.
     from PIL import Image
     path = cfg.dataset
-    missing = [s + "/" for s in ("train", "test") if not os.path.isdir(os.path.join(path, s))]
+    missing = [s + "/" for s in wanted if not os.path.isdir(os.path.join(path, s))]
     if missing:
         raise UserError(f"{path!r} has no {' or '.join(missing)} subfolder; an image folder "
                         f"needs train/<class>/... and test/<class>/... images.")
     try:
-        (train_files, train_y, classes), (test_files, test_y, test_classes) = (
-            list_split(os.path.join(path, s)) for s in ("train", "test"))
+        splits = [list_split(os.path.join(path, s)) for s in wanted]   # (files, labels, classes)
     except OSError as e:                                          # e.g. no permission
         raise UserError(f"cannot read the image folder {path!r} ({e}).") from None
-    empty = [f"train/{c}/" for k, c in enumerate(classes) if not (train_y == k).any()]
+    _, labels, classes = splits[0]                        # train/ (--eval: test/)
+    (test_files, _, test_classes), first = splits[-1], wanted[0]
+    empty = [f"{first}/{c}/" for k, c in enumerate(classes) if not (labels == k).any()]
     problem = (f"train/ and test/ hold different classes ({classes} vs {test_classes})"
-               if classes != test_classes else f"has {len(classes)} class folder(s) in train/; "
-               f"a classifier needs at least two (train/<class>/...)" if len(classes) < 2 else
+               if classes != test_classes else f"has {len(classes)} class folder(s) in {first}/;"
+               f" a classifier needs at least two ({first}/<class>/...)" if len(classes) < 2 else
                f"has no images in {(empty + ['test/'])[0]}" if empty or not test_files else "")
     if problem:
         raise UserError(f"{path!r} {problem}.")
-    modes, shapes, bad, files = set(), Counter(), [], train_files + test_files
+    modes, shapes, bad, files = set(), Counter(), [], [f for s in splits for f in s[0]]
     for file in files:
         try:
             with Image.open(file) as im:                          # reads the header only
@@ -826,7 +833,7 @@ def load_image_folder(cfg, device):
         raise UserError(f"{len(bad)} files cannot be read as images: {', '.join(bad[:3])}"
                         + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
                         + "; remove or replace them.")
-    mode = "L" if modes <= GRAY_MODES else "RGB"
+    mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if modes <= GRAY_MODES else "RGB")
     sides = Counter()
     for shape, n in shapes.items():
         sides[min(shape)] += n
@@ -840,10 +847,8 @@ def load_image_folder(cfg, device):
           f"resized or cropped")
     shape = (1 if mode == "L" else 3, size, size)
     keep = fits_in_memory(f"{len(files):,} images of {shape}", len(files), shape, cfg, device)
-    x, x_test = ImageFiles(train_files, mode, size), ImageFiles(test_files, mode, size)
-    if keep:
-        x, x_test = x[:], x_test[:]                               # decoded once, now
-    return x, train_y, x_test, test_y, classes
+    xs = [ImageFiles(files, mode, size) for files, _, _ in splits]
+    return [v for x, (_, y, _) in zip(xs, splits) for v in (x[:] if keep else x, y)] + [classes]
 
 
 def fits_in_memory(what, n_images, shape, cfg, device, streamable=True):
@@ -855,21 +860,22 @@ def fits_in_memory(what, n_images, shape, cfg, device, streamable=True):
         raise UserError(f"{what} is {need:.2f} GB as uint8, more than half of the {have} on "
                         f"{device}; use a smaller --image-size.")
     keep = (free is None or need <= free / 2e9) and cfg.data != "stream"
+    keep = all_sum(torch.tensor(int(keep))).item() == world_size()   # all processes, or none
     print(f"data: {what}, {need:.2f} GB as uint8, {have} on {device}: " +
           ("kept on the device" if keep else "streamed from disk") + f" (--data {cfg.data})")
     return keep
 
 
 def free_memory(device):
-    # Bytes free on the GPU and in RAM (Linux's MemAvailable, shared by a torchrun node's
-    # processes), the less of the two; None where RAM cannot be read (macOS, Windows).
+    # Bytes free on the GPU (by index: torch < 2.5 refuses "cuda") and in RAM (MemAvailable,
+    # shared by a node's processes), the less of the two; None where RAM is unknown (macOS).
     ram = None
     with contextlib.suppress(OSError, StopIteration, ValueError):
         with open("/proc/meminfo") as f:
             kb = next(line for line in f if line.startswith("MemAvailable:")).split()[1]
             ram = int(kb) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return min(torch.cuda.mem_get_info(device)[0], ram or math.inf) if device.type == "cuda" \
-        else ram
+    return min(torch.cuda.mem_get_info(device.index)[0], ram or math.inf) \
+        if device.type == "cuda" else ram
 
 
 class ImageFiles:
@@ -885,7 +891,10 @@ class ImageFiles:
         if isinstance(i, int):
             return read_image(self.files[i], self.mode, self.size)   # (C, S, S)
         index = torch.arange(len(self))[i] if isinstance(i, slice) else i
-        return torch.cat(list(self.stream(index.cpu().split(256), "cpu")))   # (n, C, S, S)
+        out = torch.empty((len(index), *self.shape[1:]), dtype=torch.uint8)   # (n, C, S, S)
+        for k, batch in enumerate(self.stream(index.cpu().split(256), "cpu")):
+            out[256 * k:256 * k + len(batch)] = batch   # in place: no second copy of the data
+        return out
 
     def stream(self, index_lists, device):
         # Each list's images, (B, C, S, S) uint8 on the device, decoded by threads (Pillow
@@ -906,13 +915,10 @@ class ImageFiles:
 # -----------------------------------------------------------------------------------------
 # 11. Checkpoints and run folders: written atomically, loaded safely, never overwritten
 # model.pth is what you ship: the weights, the model's configuration as plain data, the
-# class names and the normalisation. checkpoint.pth is what an exact resume needs: every
-# state the next step reads: the weights, AdamW's running averages and step counts, the
-# fp16 scaler's scale, the epoch (the schedule is a function of the step), the metrics and
-# the configuration. Nothing random: order, crops, flips and dropout are drawn from (seed,
-# epoch). Files are written under a temporary name and renamed, so a crash never leaves half
-# a file; loaded with weights_only=True, so a booby-trapped file cannot run code. A run
-# folder holds one run: a new run never writes into a folder that holds one.
+# class names and the normalisation. checkpoint.pth is every state an exact resume reads:
+# the weights, AdamW's running averages and step counts, the fp16 scaler's scale, the epoch
+# (the schedule is a function of the step), the metrics and the configuration; nothing
+# random, since order, crops, flips and dropout are drawn from (seed, epoch).
 # -----------------------------------------------------------------------------------------
 def write_atomically(path, write):
     # write(tmp), then rename: a failed write (full disk, no permission, Ctrl-C) leaves the
@@ -947,7 +953,7 @@ def claim_run_folder(out):
     try:
         if os.path.exists(ckpt) or os.path.exists(os.path.join(out, "model.pth")):
             raise FileExistsError
-        os.close(os.open(os.path.join(out, "metrics.json"), os.O_CREAT | os.O_EXCL))
+        open(os.path.join(out, "metrics.json"), "x").close()
     except FileExistsError:
         raise UserError(f"{out!r} already holds a run; " + (
             f"continue it with --resume {ckpt}" if os.path.exists(ckpt) else "it is running, "
@@ -960,15 +966,11 @@ def new_run_folder(cfg):
     # runs/NAME-DATE-TIME, or -2, -3, ... (os.mkdir creates or fails: two runs, two folders)
     base = os.path.join("runs", os.path.basename(os.path.normpath(cfg.dataset)).lower() +
                         "-" + time.strftime("%Y%m%d-%H%M%S"))
-    try:
-        os.makedirs("runs", exist_ok=True)
-        for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(out)
-                return out
-    except OSError as e:
-        raise UserError(f"cannot create a run folder under {os.path.abspath('runs')!r} "
-                        f"({e.strerror or e}); choose one with --out.") from None
+    writable_folder("runs")
+    for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(out)
+            return out
     raise UserError(f"{base}-* are all taken; choose a run folder with --out.")
 
 
@@ -978,6 +980,9 @@ def saved_epoch(out):
 
 
 def load_file(path, what):
+    # A model.pth (what="model file") or a checkpoint.pth, each with all it needs; on the CPU
+    needs = {"model file": ("state_dict", "mean", "std", "dataset", "data_root"),
+             "checkpoint": ("model", "optimizer", "scaler", "epoch", "metrics")}
     if not os.path.isfile(path):
         raise UserError(f"{what} {path!r} " + ("is a folder; give the model.pth or "
                         "checkpoint.pth in it." if os.path.isdir(path) else "does not exist."))
@@ -990,8 +995,12 @@ def load_file(path, what):
                         f"plain data, and loading it could run code.") from None
     except Exception:
         raise UserError(f"{what} {path!r} is corrupt or is not a PyTorch file.") from None
-    if not isinstance(obj, dict) or "config" not in obj or "classes" not in obj:
-        raise UserError(f"{what} {path!r} was not written by vit.py.")
+    other = next(k for k in needs if k != what)
+    if isinstance(obj, dict) and needs[other][0] in obj:
+        raise UserError(f"{path!r} is a {other}; " + ("use the model.pth next to it." if
+                        what == "model file" else "--resume takes a checkpoint.pth."))
+    if not (isinstance(obj, dict) and {"config", "classes", *needs[what]} <= obj.keys()):
+        raise UserError(f"{what} {path!r} was not written by this vit.py.")
     return obj
 
 
@@ -999,15 +1008,16 @@ MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "d
 
 
 def save_checkpoint(out, cfg, data, model, opt, scaler, metrics):
-    # model.pth holds plain data only, so that any program can read it with weights_only
-    weights, in_channels = model.state_dict(), data.train_x.shape[1]
+    # model.pth holds plain data only and CPU tensors, so that any program on any machine can
+    # read it with torch.load(path, weights_only=True); it is written first, never older.
+    weights = {k: v.cpu() for k, v in model.state_dict().items()}
+    in_channels = data.train_x.shape[1]
     common = {"classes": data.classes, "mean": data.mean.tolist(), "std": data.std.tolist()}
-    for name, obj in (("checkpoint.pth", {
-            "config": asdict(cfg), "model": weights, "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"], "metrics": metrics}),
-            ("model.pth", {"config": {k: getattr(cfg, k) for k in MODEL_KEYS} | {
+    for name, obj in (("model.pth", {"config": {k: getattr(cfg, k) for k in MODEL_KEYS} | {
                 "in_channels": in_channels}, "state_dict": weights, "dataset": cfg.dataset,
-                "data_root": cfg.data_root})):
+                "data_root": cfg.data_root}), ("checkpoint.pth", {
+            "config": asdict(cfg), "model": weights, "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"], "metrics": metrics})):
         write_atomically(os.path.join(out, name), lambda tmp: torch.save(obj | common, tmp))
     save_metrics(metrics, out)
 
@@ -1037,11 +1047,8 @@ def check_fits(saved_classes, data, path):
 # -----------------------------------------------------------------------------------------
 # 12. Figures: PNG files, also shown inline in a notebook
 # At the start: one image cut into patches, and one batch's shapes. After training and by
-# --eval: the curves, where the model looks (attention rollout: attention also flows through
-# the residual connections, so each layer's map is 0.5 A + 0.5 I, A averaged over the heads;
-# their product says how much each patch reaches the output token; Abnar & Zuidema 2020),
-# how the learned position embeddings resemble each other (ViT paper, Figure 7), the
-# confusion matrix and a grid of mistakes.
+# --eval: the curves, where the model looks, how the learned position embeddings resemble
+# each other (ViT paper, Figure 7), the confusion matrix and a grid of mistakes.
 # -----------------------------------------------------------------------------------------
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
@@ -1058,7 +1065,7 @@ def save_figure(fig, path):
 def show_grid(ax, images, title, nrow=8, **kw):
     # uint8 (n, C, h, w) images tiled into one picture by torchvision's make_grid
     from torchvision.utils import make_grid
-    ax.imshow(make_grid(images.cpu(), nrow=nrow, pad_value=255, **kw).permute(1, 2, 0))
+    ax.imshow(make_grid(images.cpu(), nrow=nrow, pad_value=255, **kw).permute(1, 2, 0).numpy())
     ax.set_title(title)
     ax.axis("off")
 
@@ -1110,9 +1117,10 @@ def plot_curves(metrics, path):
 
 @torch.no_grad()
 def attention_maps(model, images):
-    # The rollout, (B, N), and the last layer's attention from each head, (B, h, N), both
-    # from the output token (CLS; under pool="mean", the patches' mean), through the
-    # hand-written path, which keeps the weights.
+    # The rollout (Abnar & Zuidema 2020), (B, N): attention also flows through the residuals,
+    # so each layer's map is 0.5 A + 0.5 I (A: the heads' mean), and their product says how
+    # much each patch reaches the output token (CLS; under pool="mean", the patches' mean).
+    # And the last layer's map from each head, (B, h, N). Both by the hand-written path.
     fused = [b.attn.fused for b in model.blocks]
     for b in model.blocks:
         b.attn.fused = False
@@ -1139,11 +1147,11 @@ def plot_attention(model, images, x, titles, path):
     fig, axes = plt.subplots(len(x), maps.size(1) + 1, squeeze=False,
                              figsize=(1.6 * (maps.size(1) + 1) + 1, 1.8 * len(x) + 0.8))
     for i in range(len(x)):
-        im = images[i].cpu().permute(1, 2, 0).squeeze(-1)
+        im = images[i].cpu().permute(1, 2, 0).squeeze(-1).numpy()   # matplotlib takes numpy
         for j, ax in enumerate(axes[i]):
             ax.imshow(im, cmap="gray" if images.size(1) == 1 else None)
             if j:
-                ax.imshow(maps[i, j - 1], cmap="inferno", alpha=0.6)
+                ax.imshow(maps[i, j - 1].numpy(), cmap="inferno", alpha=0.6)
             ax.set_title(titles[i] if j == 0 else "rollout" if j == 1 else f"head {j - 2}",
                          fontsize=8)
             ax.axis("off")
@@ -1162,7 +1170,7 @@ def plot_pos_embed(model, path):
     fig, ax = plt.subplots(figsize=(8, 8))
     from torchvision.utils import make_grid
     grid = make_grid(sim, nrow=side, padding=1, pad_value=float("nan"))[0]
-    shown = ax.imshow(grid, cmap="viridis", vmin=-1, vmax=1)
+    shown = ax.imshow(grid.numpy(), cmap="viridis", vmin=-1, vmax=1)
     ax.set(title="Position embedding similarity (cosine) of each patch with all patches",
            xlabel="patch column", ylabel="patch row", xticks=[], yticks=[])
     fig.colorbar(shown, ax=ax, shrink=0.7, label="cosine similarity")
@@ -1173,10 +1181,9 @@ def plot_confusion(data, preds, path):
     # Up to 30 classes, every cell with its count and every class named; beyond, an image.
     import matplotlib.pyplot as plt
     K = len(data.classes)
-    conf = torch.zeros(K, K, dtype=torch.long)
-    conf.index_put_((data.test_y.cpu(), preds.cpu()), torch.tensor(1), accumulate=True)
+    conf = torch.bincount(data.test_y.cpu() * K + preds.cpu(), minlength=K * K).view(K, K)
     fig, ax = plt.subplots(figsize=(min(1.0 + 0.6 * K, 12),) * 2)
-    shown = ax.imshow(conf, cmap="Blues")
+    shown = ax.imshow(conf.numpy(), cmap="Blues")
     if K <= 30:
         for (i, j), count in zip(torch.cartesian_prod(torch.arange(K), torch.arange(K)).tolist(),
                                  conf.flatten().tolist()):
@@ -1197,7 +1204,7 @@ def plot_mistakes(data, preds, path, n=24):
     for ax, k in zip(axes.flat, picked.tolist() + [None] * n):
         ax.axis("off")
         if k is not None:
-            ax.imshow(data.test_x[k].cpu().permute(1, 2, 0).squeeze(-1),
+            ax.imshow(data.test_x[k].cpu().permute(1, 2, 0).squeeze(-1).numpy(),
                       cmap="gray" if data.test_x.shape[1] == 1 else None)
             ax.set_title(f"true {data.classes[data.test_y[k]][:10]}\n"
                          f"pred {data.classes[preds[k]][:10]}", fontsize=7)
@@ -1226,9 +1233,6 @@ def make_figures(model, data, preds, out, metrics=None):
 
 # -----------------------------------------------------------------------------------------
 # 13. The training run: Part I's train, with a run folder, checkpoints and figures
-# A new run (or one resumed into a new folder) claims its folder before any data is read,
-# and gives it back if it ends before its first checkpoint. --compile: torch.compile fuses
-# the model's small operations into a few kernels, for training's one batch shape.
 # -----------------------------------------------------------------------------------------
 def validate(cfg):
     # Before anything is loaded, so a typo costs a second, not a download.
@@ -1268,15 +1272,18 @@ def validate(cfg):
 
 
 def check_precision(requested, device):
-    # Some torch versions refuse some pairs (MPS autocast before 2.5), others only warn.
-    # (The policy itself, and its note, come once: from Part I's train.)
+    # A tiny step's autocast and scaler: some torch versions refuse some pairs (MPS autocast
+    # before 2.5; fp16's scaler on MPS before 2.7 needs float64), others only warn.
     name = requested if requested != "auto" else precision_policy("auto", device)[0]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with autocast(name, device):
-                torch.ones(1, device=device) + 1
-    except (RuntimeError, UserWarning) as e:
+                w = torch.ones(1, device=device, requires_grad=True)
+                scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+                scaler.scale((w * 2).sum()).backward()
+            scaler.unscale_(torch.optim.SGD([w]))
+    except (RuntimeError, UserWarning, TypeError) as e:
         raise UserError(f"torch {torch.__version__} cannot run {name} autocast on "
                         f"{device.type} ({str(e).splitlines()[0]}); use --precision fp32.") \
             from None
@@ -1298,8 +1305,10 @@ def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
             return []
         check_fits(ckpt["classes"], data, ckpt_path)
         load_weights(model, ckpt["model"], ckpt_path)
+        fused = {"fused": opt.defaults["fused"]}   # as this device runs AdamW, not the saving one
         try:
-            opt.load_state_dict(ckpt["optimizer"])
+            groups = [g | fused for g in ckpt["optimizer"]["param_groups"]]
+            opt.load_state_dict(ckpt["optimizer"] | {"param_groups": groups})
         except (ValueError, KeyError, TypeError):
             raise UserError(f"the optimizer state in {ckpt_path!r} does not fit this model.") \
                 from None
@@ -1307,7 +1316,7 @@ def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
             scaler.load_state_dict(ckpt["scaler"])
         return ckpt["metrics"]
 
-    def wrap(model):
+    def wrap(model):            # torch.compile fuses small operations, for one batch shape
         if cfg.compile:
             try:
                 model = torch.compile(model, dynamic=False)
@@ -1345,7 +1354,7 @@ def run_in_folder(cfg, device, out, new_folder=True, ckpt=None, ckpt_path=None):
             "interrupted after the last epoch; the trained model is saved (--eval draws its "
             "figures)" if done == cfg.epochs else
             f"interrupted after epoch {done}; resume with `{again} --resume "
-            f"{os.path.join(out, 'checkpoint.pth')}`" if done else
+            f"{os.path.join(out, 'checkpoint.pth')} --epochs {cfg.epochs}`" if done else
             f"interrupted before an epoch ended; resume again with `{again} --resume {ckpt_path}"
             + (f" --out {out}" if new_folder else "") + f" --epochs {cfg.epochs}`" if ckpt_path
             else "interrupted before the first epoch ended; nothing was saved") from None
@@ -1364,7 +1373,7 @@ def run_in_folder(cfg, device, out, new_folder=True, ckpt=None, ckpt_path=None):
         raise
     finally:                  # a run that ends before its first checkpoint gives its folder back
         if new_folder and rank() == 0 and not os.path.exists(os.path.join(out, "checkpoint.pth")):
-            for name in ("metrics.json", "patches.png"):
+            for name in ("metrics.json", "patches.png", "model.pth"):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(out, name))
             with contextlib.suppress(OSError):
@@ -1378,8 +1387,6 @@ def run_in_folder(cfg, device, out, new_folder=True, ckpt=None, ckpt_path=None):
 # -----------------------------------------------------------------------------------------
 def load_model(path, device):
     saved = load_file(path, "model file")
-    if "state_dict" not in saved:
-        raise UserError(f"{path!r} is a training checkpoint; use the model.pth next to it.")
     if not all(k in saved["config"] for k in MODEL_KEYS + ("in_channels",)):
         raise UserError(f"model file {path!r} was not written by this vit.py.")
     if not all(torch.isfinite(w).all() for w in saved["state_dict"].values()):
@@ -1397,12 +1404,11 @@ def eval_run(args, device):
                   data_root=args.data_root or saved["data_root"])
     out = writable_folder(args.out or os.path.join(os.path.dirname(os.path.abspath(args.eval)),
                                                    "eval"))       # the run's own figures stay
-    data = load_data(cfg, device)
+    data = load_data(cfg, device, saved)                          # the test split alone
     check_fits(saved["classes"], data, args.eval)
-    if data.train_x.shape[1] != saved["config"]["in_channels"]:
+    if data.test_x.shape[1] != saved["config"]["in_channels"]:
         raise UserError(f"{args.eval!r} expects {saved['config']['in_channels']}-channel images, "
-                        f"but this data has {data.train_x.shape[1]}.")
-    data.mean, data.std = (torch.tensor(saved[k], device=device) for k in ("mean", "std"))
+                        f"but this data has {data.test_x.shape[1]}.")
     precision = precision_policy(args.precision or "auto", device)[0]
     loss, acc, preds = evaluate(model, data, cfg, precision)
     make_figures(model, data, preds, out)
@@ -1413,8 +1419,7 @@ def eval_run(args, device):
 
 @torch.no_grad()
 def predict_run(args, device):
-    # Each image read as the test split is, normalised with the training's statistics; the
-    # softmax of the logits gives probabilities, and topk the 3 most probable classes.
+    # Read and normalised as the test split; the softmax gives probabilities, topk the best 3.
     if len(args.predict) < 2:
         raise UserError("--predict takes a model.pth and then one or more image files.")
     model, cfg, saved = load_model(args.predict[0], device)
@@ -1439,8 +1444,7 @@ def predict_run(args, device):
 # -----------------------------------------------------------------------------------------
 # 15. Command line and main()
 # The options are Config's fields (section 5), plus what to do. An option left out is None,
-# so that a preset can fill it. A user error ends as one line on stderr: from a shell with
-# a non-zero status; in a notebook main() returns None and the notebook goes on.
+# so that a preset can fill it. A user error ends as one line on stderr.
 # -----------------------------------------------------------------------------------------
 CHOICES = {"pool": ("cls", "mean"), "precision": ("auto", "bf16", "fp16", "fp32"),
            "attn": ("auto", "fused", "manual"), "data": ("auto", "stream")}
@@ -1504,10 +1508,6 @@ def resume_run(args, device):
     # The checkpoint's run, same model and recipe; --epochs may change (the schedule is then
     # the new length's), --dataset / --data-root say where its data is now, --out branches.
     ckpt = load_file(args.resume, "checkpoint")
-    if "state_dict" in ckpt:
-        raise UserError(f"{args.resume!r} is a model file; --resume takes a checkpoint.pth.")
-    if not all(k in ckpt for k in ("model", "optimizer", "scaler", "epoch", "metrics")):
-        raise UserError(f"checkpoint {args.resume!r} was not written by this vit.py.")
     try:
         cfg = Config(**ckpt["config"])
         validate(cfg)
