@@ -26,6 +26,11 @@ import transformer as tf
 import vit
 
 torch.set_num_threads(2)
+# matplotlib 3.8 (the floor) calls pyparsing names that pyparsing 3.3 deprecates: not ours
+pytestmark = pytest.mark.filterwarnings("ignore:'\\w+' deprecated - use:DeprecationWarning")
+# Windows lacks what these use: SIGINT sent to a child, process groups (os.killpg), a pty
+POSIX = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals and process "
+                           "groups (SIGINT to a child, os.killpg, a pty)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -474,7 +479,7 @@ def trained_run(tmp_path_factory):
 
 
 def read_metrics(run):
-    with open(os.path.join(run, "metrics.json")) as f:
+    with open(os.path.join(run, "metrics.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -483,7 +488,7 @@ def test_cli_run_writes_all_outputs(trained_run, capsys):
     for name in ("model.pth", "checkpoint.pth", "metrics.json", "curves.png", "attention.png",
                  "pos_embed.png", "confusion.png", "mistakes.png", "patches.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
-    records = json.load(open(os.path.join(out, "metrics.json")))
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s"):
         assert all(isinstance(r[key], float) for r in records), key
@@ -501,7 +506,9 @@ def test_eval_reproduces_the_final_test_accuracy_and_draws_the_figures(trained_r
     acc = vit.main(["--eval", os.path.join(out, "model.pth"), "--device", "cpu",
                     "--out", str(tmp_path)])
     assert acc == pytest.approx(metrics[-1]["test_acc"])
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("test accuracy: ")
+    lines = capsys.readouterr().out.strip().splitlines()
+    said = next(i for i, line in enumerate(lines) if line.startswith("test accuracy: "))
+    assert all(line.startswith("saved ") for line in lines[said + 1:])   # then the figures
     for name in ("attention.png", "pos_embed.png", "confusion.png", "mistakes.png"):
         assert os.path.getsize(tmp_path / name) > 0, name
 
@@ -1018,12 +1025,12 @@ def test_model_pth_is_never_older_than_the_checkpoint(trained_run, tmp_path, cap
     folder, out, _ = trained_run
     real, pth = vit.write_atomically, []
 
-    def write_atomically(path, write):
+    def write_atomically(path, *a):
         if path.endswith(".pth"):
             pth.append(path)
             if len(pth) == 4:                    # the last epoch's second file
                 raise KeyboardInterrupt
-        return real(path, write)
+        return real(path, *a)
     monkeypatch.setattr(vit, "write_atomically", write_atomically)
     run = tmp_path / "run"
     with pytest.raises(SystemExit):
@@ -1505,6 +1512,221 @@ def test_transformer_figure_write_failure_is_one_sentence(tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------
+# vit.py and transformer.py on a student's laptop (#29): Windows and macOS, faked on Linux
+# ------------------------------------------------------------------------------------------
+def test_a_torch_without_cuda_says_so(colors, tmp_path, capsys, monkeypatch):
+    # PyPI's torch for Windows is CPU-only: --device cuda says why, and the estimate on a CPU
+    # no longer assumes Colab
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fails_with(["--dataset", colors, "--device", "cuda"], capsys, "built without CUDA",
+               "README: Set-up", "use cpu")
+    fails_with(["--dataset", colors, "--device", "mps"], capsys, "not available here; use cpu")
+    virtual_clock(monkeypatch, 600, 600)
+    vit.main(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL)
+    assert ": a GPU takes minutes (in Colab: Runtime > Change runtime type), or try --preset " \
+        "cpu" in capsys.readouterr().out
+
+
+def test_a_mac_python_without_certificates_is_told_what_to_run(tmp_path, capsys,
+                                                                monkeypatch):
+    import ssl
+    import urllib.error
+
+    class NoCertificates:                   # python.org's Python before its certificates
+        def __init__(self, root, train, download):
+            raise urllib.error.URLError(ssl.SSLCertVerificationError(
+                1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get "
+                   "local issuer certificate (_ssl.c:1000)"))
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", NoCertificates)
+    err = fails_with(["--data-root", str(tmp_path)], capsys, "Install Certificates.command")
+    assert "offline" not in err
+
+
+def locked(monkeypatch, times, names=(".pth", ".json", ".png")):
+    # os.replace refused, as Windows refuses while a scanner or a viewer holds the file
+    real, refused = os.replace, []
+
+    def replace(src, dst):
+        if str(dst).endswith(names) and refused.count(dst) < times:
+            refused.append(dst)
+            raise PermissionError(13, "The process cannot access the file because it is being "
+                                      "used by another process", dst)
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    return refused
+
+
+def test_a_file_held_a_moment_on_windows_is_written_after_a_retry(colors, tmp_path,
+                                                                   monkeypatch):
+    refused = locked(monkeypatch, times=2)                  # twice, then it lets go
+    vit.main(["--dataset", colors, "--out", str(tmp_path / "run")] + SMALL)
+    assert {os.path.basename(p) for p in refused} >= {"model.pth", "checkpoint.pth",
+                                                      "metrics.json", "curves.png"}
+    assert len(read_metrics(tmp_path / "run")) == 2
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+
+
+def test_a_figure_held_open_still_lets_eval_print_its_accuracy(trained_run, tmp_path, capsys,
+                                                               monkeypatch):
+    # Photos shows attention.png: --eval ends in one sentence, after saying the accuracy
+    _, out, metrics = trained_run
+    locked(monkeypatch, times=10 ** 9, names=("attention.png",))
+    with pytest.raises(SystemExit):
+        vit.main(["--eval", os.path.join(out, "model.pth"), "--out", str(tmp_path)])
+    said = capsys.readouterr()
+    assert f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%" in said.out
+    assert said.err.strip() == (f"error: could not write {str(tmp_path / 'attention.png')!r} "
+                                f"(The process cannot access the file because it is being "
+                                f"used by another process); any earlier version of it is kept.")
+
+
+def test_transformer_figure_held_open_is_one_sentence_and_keeps_the_old_one(tmp_path,
+                                                                            monkeypatch):
+    path = tmp_path / "causal.png"
+    path.write_bytes(b"the previous figure")
+    locked(monkeypatch, times=10 ** 9)
+    with pytest.raises(tf.UserError, match="being used by another process"):
+        tf.plot_causal_mask(str(path))
+    assert path.read_bytes() == b"the previous figure" and os.listdir(tmp_path) == ["causal.png"]
+
+
+def test_a_failed_save_leaves_no_tmp_file_where_open_files_cannot_be_deleted(colors, tmp_path,
+                                                                             capsys, monkeypatch):
+    # Windows deletes no file that is open. torch.save given a path name keeps its own handle
+    # when it fails; given a file object, it writes through ours, which we close.
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs Linux's /proc/self/fd to see which files are open")
+    real_save, real_remove, handles = torch.save, os.remove, []
+
+    def failing_save(obj, f, *a, **k):
+        if isinstance(f, (str, os.PathLike)):
+            f = open(f, "wb")
+            handles.append(f)                             # torch's own handle, left open
+        f.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    def windows_remove(path):
+        fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}")]
+        if os.path.abspath(path) in fds:
+            raise PermissionError(13, "The process cannot access the file", path)
+        return real_remove(path)
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(os, "remove", windows_remove)
+    out = tmp_path / "run"
+    fails_with(["--dataset", colors, "--out", str(out)] + SMALL, capsys, "could not write",
+               "model.pth")
+    for f in handles:
+        f.close()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert not os.path.exists(out)                          # given back: no epoch ended
+
+
+def test_predict_expands_a_pattern_that_windows_shells_pass_as_it_is(trained_run, tmp_path,
+                                                                     capsys):
+    folder, out, _ = trained_run
+    labels = vit.main(["--predict", os.path.join(out, "model.pth"),
+                       os.path.join(folder, "test", "red", "*.png")])  # quoted: unexpanded
+    assert labels == ["red"] * 6
+    assert capsys.readouterr().out.count(".png: red") == 6
+
+
+@pytest.mark.filterwarnings("ignore:Glyph")      # Hangul in the figures: a font matter
+def test_a_console_in_cp1252_prints_any_class_name(tmp_path, monkeypatch):
+    # Windows encodes redirected output in its ANSI code page: Hangul class names (and a
+    # Hangul folder) must not end the run with UnicodeEncodeError
+    import io
+    folder = make_image_folder(tmp_path / "사진", classes=("red", "blue"))
+    for split in ("train", "test"):
+        os.rename(os.path.join(folder, split, "red"), os.path.join(folder, split, "빨강"))
+    console = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", console)
+    vit.main(["--dataset", folder, "--out", str(tmp_path / "run")] + SMALL)
+    labels = vit.main(["--predict", str(tmp_path / "run" / "model.pth"),
+                       os.path.join(folder, "test", "빨강", "0.png")])
+    console.flush()
+    shown = console.buffer.getvalue().decode("cp1252")
+    assert labels == ["빨강"] and "\\ube68\\uac15" in shown and "\\uc0ac\\uc9c4" in shown
+
+
+def test_torchrun_without_nccl_joins_gpus_by_gloo(monkeypatch, capsys):
+    # Windows' torch has no NCCL; gloo carries CUDA tensors too
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    backends = []
+
+    def init_process_group(backend, *a, **k):
+        backends.append(backend)
+        raise ValueError("stop here: the backend is chosen")
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    with pytest.raises(vit.UserError):
+        vit.start_processes("cuda")
+    assert backends == ["gloo"]
+
+
+def test_a_model_from_another_machine_does_not_download_into_its_old_path(trained_run,
+                                                                         tmp_path, capsys,
+                                                                         monkeypatch):
+    # trained on Colab (/content/data), evaluated on a laptop: the data goes into ./data
+    _, out, metrics = trained_run
+    saved = torch.load(os.path.join(out, "model.pth"), weights_only=True)
+    torch.save({**saved, "dataset": "cifar10", "data_root": "/content/data"},
+               tmp_path / "model.pth")
+    roots = []
+
+    class CIFAR10:                          # the test split of the colour folder, as CIFAR-10
+        def __init__(self, root, train, download):
+            roots.append(root)
+            files, y, self.classes = vit.list_split(os.path.join(trained_run[0], "test"))
+            self.data = torch.stack([vit.read_image(f, "RGB", 16) for f in files]).permute(
+                0, 2, 3, 1).numpy()
+            self.targets = y.tolist()
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", CIFAR10)
+    monkeypatch.chdir(tmp_path)
+    acc = vit.main(["--eval", "model.pth", "--out", "eval"])
+    assert roots == ["./data"] and acc == pytest.approx(metrics[-1]["test_acc"])
+
+
+@pytest.mark.parametrize("path", ["data/moved", "C:\\Users\\me\\data\\moved"])
+def test_a_missing_folder_is_named_whatever_the_system_wrote_it(path, capsys):
+    fails_with(["--dataset", path], capsys, "there is no folder", "give --dataset its new path")
+
+
+def test_a_resume_into_its_own_folder_spelled_otherwise_continues_there(trained_run, tmp_path):
+    # a case-blind file system (Windows, macOS) spells one folder many ways: a link stands in
+    _, out, _ = trained_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("checkpoint.pth", "model.pth", "metrics.json"):
+        (copy / name).write_bytes(open(os.path.join(out, name), "rb").read())
+    os.symlink(copy, tmp_path / "COPY")
+    vit.main(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3", "--out",
+              str(tmp_path / "COPY")])
+    assert len(read_metrics(copy)) == 3
+
+
+def test_no_flash_attention_warning_breaks_the_progress_line(colors, tmp_path, monkeypatch):
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def windows_wheel(*a, **k):             # what Windows' CUDA wheels say at the first call
+        warnings.warn("1Torch was not compiled with flash attention. (Triggered internally "
+                      "at C:\\actions-runner\\_work\\pytorch\\aten\\src\\ATen\\native\\"
+                      "transformers\\cuda\\sdp_utils.cpp:555.)")
+        return real(*a, **k)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", windows_wheel)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        vit.main(["--dataset", colors, "--out", str(tmp_path / "run"), "--attn", "fused"]
+                 + SMALL)
+    assert not [w for w in shown if "flash attention" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------
 # vit.py: a run is never lost (run folders, full disks, Ctrl-C, moved data)
 # ------------------------------------------------------------------------------------------
 def file_bytes(folder):
@@ -1578,13 +1800,13 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_last_checkpoint(colors, tmp_p
                                                                    monkeypatch):
     real_save, calls = torch.save, []
 
-    def disk_full_in_epoch_2(obj, path, *a, **k):
-        calls.append(path)
+    def disk_full_in_epoch_2(obj, f, *a, **k):
+        calls.append(f)
         if len(calls) == 4:                  # epoch 2's checkpoint.pth, after its model.pth
-            open(path, "wb").write(b"PK partial")
+            f.write(b"PK partial")
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
                                "19712 vs 19600")
-        return real_save(obj, path, *a, **k)
+        return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", disk_full_in_epoch_2)
     out = tmp_path / "run"
     err = fails_with(["--dataset", colors, "--out", str(out)] + SMALL, capsys,
@@ -1596,8 +1818,8 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_last_checkpoint(colors, tmp_p
 
     import matplotlib.figure
 
-    def no_space(self, path, **k):
-        open(path, "wb").write(b"partial")
+    def no_space(self, f, **k):
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
     err = fails_with(["--dataset", colors, "--out", str(tmp_path / "run2")] + SMALL, capsys,
@@ -1605,6 +1827,7 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_last_checkpoint(colors, tmp_p
     assert not (tmp_path / "run2").exists()           # before the first checkpoint: given back
 
 
+@POSIX
 def test_ctrl_c_says_how_to_resume_and_the_resumed_run_is_exact(colors, tmp_path):
     args = ["--dataset", colors, "--epochs", "40"] + SMALL[2:]
     vit.main(args + ["--out", str(tmp_path / "full"), "--precision", "fp32"])
@@ -1673,7 +1896,7 @@ def test_messages_say_what_is_true(trained_run, tmp_path, capsys):
 @pytest.mark.parametrize("script", [vit, tf])
 def test_the_docstring_section_list_matches_the_banners(script):
     import re
-    text = open(script.__file__).read()
+    text = open(script.__file__, encoding="utf-8").read()
     banners = re.findall(r"^# (\d+)\. ([^:\n]+)", text, flags=re.M)
     banners = [(int(n), title.strip()) for n, title in banners]
     listed = " ".join(text[text.index("Sections"):text.index("Shape legend")].split())
@@ -1689,17 +1912,18 @@ def test_the_readme_tells_the_files_as_they_are():
     # its line counts, Part I's end, its section maps and its options are the files' own
     import re
     here = os.path.dirname(os.path.abspath(__file__))
-    readme = open(os.path.join(here, "README.md")).read()
-    source = open(vit.__file__).read()
+    readme = open(os.path.join(here, "README.md"), encoding="utf-8").read()
+    source = open(vit.__file__, encoding="utf-8").read()
     part_one = source[:source.index("\n# Part II")].count("\n")
-    lines = {name: open(os.path.join(here, name)).read().count("\n")
+    lines = {name: open(os.path.join(here, name), encoding="utf-8").read().count("\n")
              for name in ("vit.py", "transformer.py")}
     assert f"`vit.py` ({lines['vit.py']:,} lines)" in readme
     assert f"`transformer.py` ({lines['transformer.py']:,} lines)" in readme
     assert f"**Part I, the lesson** (lines 1–{part_one})" in readme
     assert f"**Part II, the tool** ({lines['vit.py'] - part_one:,} lines)" in readme
     for script in (vit, tf):
-        banners = re.findall(r"^# (\d+)\. ", open(script.__file__).read(), flags=re.M)
+        banners = re.findall(r"^# (\d+)\. ", open(script.__file__, encoding="utf-8").read(),
+                             flags=re.M)
         mapped = readme[readme.index(f"`{script.__name__}.py` ("):]
         mapped = mapped[:mapped.index("\n\n")]
         assert re.findall(r"(?<![\w,–.])(\d+) (?!lines)[A-Za-z`]", mapped) == banners, mapped
@@ -1710,6 +1934,27 @@ def test_the_readme_tells_the_files_as_they_are():
         options = {a for action in script.build_parser()._actions for a in action.option_strings}
         assert set(re.findall(r"`(--[a-z-]+)", text)) <= options, script
     assert len(readme.splitlines()) <= 250 and "../shared" not in readme
+
+
+@POSIX
+def test_on_windows_the_text_is_read_as_utf8_and_what_needs_posix_is_skipped(tmp_path):
+    # Windows, faked in a pytest of its own (the locale and the platform are the
+    # interpreter's): an ASCII locale stands in for cp1252, which cannot read README.md's
+    # UTF-8 unaided, and sys.platform is "win32", under which the POSIX tests say why they skip.
+    (tmp_path / "fake_windows.py").write_text(     # once torch is in: it loads DLLs on win32
+        "import sys, torch, torchvision, matplotlib.pyplot, PIL.Image\n"
+        "def pytest_configure(config):\n    sys.platform = 'win32'\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONUTF8": "0", "PYTHONPATH": os.pathsep.join(
+               [str(tmp_path)] + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
+    run = subprocess.run([sys.executable, "-X", "utf8=0", "-m", "pytest", "-q", "-rs", "-p",
+                          "fake_windows", "-p", "no:cacheprovider", os.path.abspath(__file__),
+                          "-k", "readme or docstring or ctrl_c_says or ctrl_c_while or "
+                          "two_processes or write_that_fails"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "3 passed, 6 skipped" in run.stdout, run.stdout[-3000:]
+    skipped = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skipped and all("needs POSIX signals and process groups" in s for s in skipped)
 
 
 def test_the_benchmark_compares_with_torchvision_in_one_run():
@@ -1738,7 +1983,7 @@ def test_patches_figure_reassembles_the_image_exactly(tmp_path):
 def test_part_one_alone_trains_a_vit_on_tensors_in_memory():
     # Everything above the Part II banner, run in a fresh namespace, as a student who stops
     # reading there would: it must train by itself (and so define every name it uses).
-    source = open(vit.__file__).read()
+    source = open(vit.__file__, encoding="utf-8").read()
     part_one = source[:source.index("\n# Part II")]
     assert source.count("\n# Part II") == 1 and part_one.count("\n") < 600
     ns = {"__name__": "part_one"}
@@ -1859,6 +2104,7 @@ def two_process_run(thirteen, tmp_path_factory):
     return run, out
 
 
+@POSIX
 @pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
 @pytest.mark.parametrize("batch, data", [("10", "auto"), ("3", "stream")])
 def test_two_processes_train_as_one_with_the_same_global_batch(batch, data, thirteen,
@@ -1883,6 +2129,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(batch, data, thir
     assert not os.path.exists(os.path.join(os.path.dirname(vit.__file__), "runs", "colors"))
 
 
+@POSIX
 @pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
 def test_two_processes_crash_and_resume_as_if_never_stopped(thirteen, two_process_run,
                                                             tmp_path):
@@ -1898,6 +2145,7 @@ def test_two_processes_crash_and_resume_as_if_never_stopped(thirteen, two_proces
     same_metrics(read_metrics(out), read_metrics(two_process_run[1]), rel=1e-12)
 
 
+@POSIX
 @pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
 def test_a_write_that_fails_on_rank_0_stops_every_process_with_one_sentence(colors, tmp_path):
     # curves.png cannot be written (a folder holds its name): rank 0 fails after training,
@@ -1912,6 +2160,7 @@ def test_a_write_that_fails_on_rank_0_stops_every_process_with_one_sentence(colo
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1   # kept
 
 
+@POSIX
 @pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
 def test_a_failure_on_another_rank_stops_every_process(colors, tmp_path):
     # Rank 1 alone cannot read the data (as on a second machine without it): it stops, and
@@ -1934,6 +2183,7 @@ def test_a_failure_on_another_rank_stops_every_process(colors, tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")
 
 
+@POSIX
 @pytest.mark.skipif(not torch.distributed.is_available(), reason=TWO)
 def test_processes_that_see_different_free_memory_agree_to_stream(colors, tmp_path):
     # Rank 0 sees room for the data, rank 1 does not (another job on its GPU). Deciding
@@ -1990,6 +2240,7 @@ def test_a_streamed_run_gives_exactly_the_numbers_of_an_in_memory_run(colors, tm
     assert acc == read_metrics(tmp_path / "stream")[-1]["test_acc"]
 
 
+@POSIX
 def test_ctrl_c_while_streaming_is_one_sentence(colors, tmp_path):
     # Ctrl-C reaches the whole process group; while the reader's threads decode the next
     # batch, the run must still end in the one sentence.

@@ -31,6 +31,7 @@ Shape legend:
   h = n_heads, d_h = D / h (width of one head), V vocabulary size.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -544,18 +545,22 @@ def in_notebook():
 
 
 def save_figure(fig, path):
+    # Written under a temporary name, then renamed: a full disk, or a PNG that Windows' Photos
+    # holds open, is one sentence, and the previous figure stays as it was.
     import matplotlib.pyplot as plt
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
         if in_notebook():
             plt.show()
-    except OSError as e:                        # a full disk: no partial PNG, one sentence
-        if os.path.exists(path):
-            os.remove(path)
+    except OSError as e:
         raise UserError(f"could not write {path!r} ({e.strerror or e}).") from None
     finally:
         plt.close(fig)
+        with contextlib.suppress(OSError):       # gone already: renamed
+            os.remove(tmp)
     print(f"saved {path}")
 
 

@@ -526,7 +526,7 @@ def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, firs
         if first and now - t1 >= 10:    # once. Colab's default runtime is a CPU: say so soon
             first, minutes = False, steps * (cfg.epochs - epoch + 1) * (now - t1) / step / 60
             print(("\r" if live else "") + f"  training will take about {minutes:,.1f} min" + (
-                ": in Colab choose a GPU runtime (Runtime > Change runtime type), or try "
+                ": a GPU takes minutes (in Colab: Runtime > Change runtime type), or try "
                 "--preset cpu" if x.device.type == "cpu" and minutes > 30 else "") + " " * 20,
                 flush=True)
         if now - shown >= (1 if live else 60):
@@ -601,6 +601,7 @@ def train(cfg, data, device, hooks=Hooks()):
 # only through Part I's Hooks.
 import argparse
 import gc
+import glob
 import json
 import os
 import pickle
@@ -629,8 +630,7 @@ class Interrupted(UserError):
 # Each trains on its share of every batch (Hooks.rank, .world); DDP averages the gradients
 # inside backward() (an all-reduce), so all take the same step: the one-device run with the
 # same --batch-size, up to rounding. Weights (the seed) and each epoch's plan (section 7)
-# agree without a word; losses and counts are summed. Rank 0 alone writes files. A process
-# that fails ends, and torchrun stops the others.
+# agree without a word; losses and counts are summed. Rank 0 alone writes files.
 # -----------------------------------------------------------------------------------------
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -665,9 +665,12 @@ def start_processes(name):
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": torch.backends.mps.is_available()}
     if name and not available.get(name.split(":")[0], False):
-        raise UserError(f"device {name!r} is not available here; use cpu"
+        why = f": torch {torch.__version__} is built without CUDA (README: Set-up)" * (
+            name.startswith("cuda") and torch.version.cuda is None)   # PyPI's, on Windows
+        raise UserError(f"device {name!r} is not available here{why}; use cpu"
                         + ", cuda" * available["cuda"] + ", mps" * available["mps"] + ".")
     device = torch.device(name or next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    warnings.filterwarnings("ignore", ".*not compiled with flash attention")   # Windows wheels
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return fast_cuda(device)
     if device.type == "mps":
@@ -680,7 +683,8 @@ def start_processes(name):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        nccl = device.type == "cuda" and dist.is_nccl_available()    # Windows has none: gloo
+        dist.init_process_group("nccl" if nccl else "gloo")
     except (ValueError, RuntimeError) as e:       # e.g. WORLD_SIZE set, but no torchrun
         raise UserError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']}, but the other processes "
                         f"cannot be reached ({str(e).splitlines()[0][:150]}); start vit.py "
@@ -708,7 +712,7 @@ def load_data(cfg, device, saved=None):
     name, splits = cfg.dataset.lower(), ("test",) if saved else ("train", "test")
     if name not in KNOWN_SIZES and not os.path.isdir(cfg.dataset):
         raise UserError(f"there is no folder {cfg.dataset!r} (if the data moved, give --dataset "
-                        f"its new path)." if os.sep in cfg.dataset else f"unknown dataset "
+                        f"its new path)." if set("/\\") & set(cfg.dataset) else f"unknown dataset "
                         f"{cfg.dataset!r}: use cifar10, fashionmnist, or the path of a folder "
                         f"with train/ and test/ subfolders.")
     loaded = load_torchvision(name, cfg, device, splits) if name in KNOWN_SIZES else \
@@ -740,10 +744,12 @@ def load_torchvision(name, cfg, device, wanted):
         try:
             ds = cls(cfg.data_root, train=train, download=True)
         except Exception as e:                    # URLError, RuntimeError, ...: "no data"
+            hint = ("this Python cannot check certificates: on a Mac, run 'Install Certificates"
+                    ".command' in Applications/Python" if "CERTIFICATE_VERIFY_FAILED" in str(e)
+                    else "if this machine is offline, point --data-root at a folder that holds"
+                    " the data set, or --dataset at an image folder with train/ and test/")
             raise UserError(f"could not find or download {name} in {cfg.data_root!r} "
-                            f"({' '.join(str(e).split())}); if this machine is offline, point "
-                            f"--data-root at a folder that already holds the data set, or "
-                            f"--dataset at an image folder with train/ and test/.") from None
+                            f"({' '.join(str(e).split())}); {hint}.") from None
         if rank() == 0 and world_size() > 1:
             dist.barrier()
         x = torch.as_tensor(ds.data)                              # (n, H, W[, C]) uint8
@@ -920,13 +926,18 @@ class ImageFiles:
 # (the schedule is a function of the step), the metrics and the configuration; nothing
 # random, since order, crops, flips and dropout are drawn from (seed, epoch).
 # -----------------------------------------------------------------------------------------
-def write_atomically(path, write):
-    # write(tmp), then rename: a failed write (full disk, no permission, Ctrl-C) leaves the
-    # previous file at `path` as it was.
+def write_atomically(path, write, mode="wb"):
+    # write(f) into a file we open and close (Windows deletes no open file), then rename: a
+    # failed write (full disk, no permission, Ctrl-C) leaves the previous `path` as it was.
     tmp = f"{path}.{os.getpid()}.tmp"                             # one per process
     try:
-        write(tmp)
-        os.replace(tmp, path)                                     # atomic on one file system
+        with open(tmp, mode) as f:
+            write(f)
+        for wait in (0.05, 0.1, 0.2, 0.4, 0.8):   # Windows: a virus scanner, OneDrive or an
+            with contextlib.suppress(PermissionError):        # image viewer may hold `path`
+                return os.replace(tmp, path)                      # atomic on one file system
+            time.sleep(wait)
+        os.replace(tmp, path)                                     # the last try: its error
     except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
         cause = getattr(e, "strerror", None) or "the write stopped short, as on a full disk"
         raise UserError(f"could not write {path!r} ({cause}); any earlier version of it is "
@@ -995,10 +1006,9 @@ def load_file(path, what):
                         f"plain data, and loading it could run code.") from None
     except Exception:
         raise UserError(f"{what} {path!r} is corrupt or is not a PyTorch file.") from None
-    other = next(k for k in needs if k != what)
-    if isinstance(obj, dict) and needs[other][0] in obj:
-        raise UserError(f"{path!r} is a {other}; " + ("use the model.pth next to it." if
-                        what == "model file" else "--resume takes a checkpoint.pth."))
+    if isinstance(obj, dict) and ("state_dict" in obj) != (what == "model file"):   # the other
+        raise UserError(f"{path!r} is " + ("a checkpoint; use the model.pth next to it." if
+                        what == "model file" else "a model file; --resume takes checkpoint.pth."))
     if not (isinstance(obj, dict) and {"config", "classes", *needs[what]} <= obj.keys()):
         raise UserError(f"{what} {path!r} was not written by this vit.py.")
     return obj
@@ -1011,22 +1021,19 @@ def save_checkpoint(out, cfg, data, model, opt, scaler, metrics):
     # model.pth holds plain data only and CPU tensors, so that any program on any machine can
     # read it with torch.load(path, weights_only=True); it is written first, never older.
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
-    in_channels = data.train_x.shape[1]
     common = {"classes": data.classes, "mean": data.mean.tolist(), "std": data.std.tolist()}
     for name, obj in (("model.pth", {"config": {k: getattr(cfg, k) for k in MODEL_KEYS} | {
-                "in_channels": in_channels}, "state_dict": weights, "dataset": cfg.dataset,
-                "data_root": cfg.data_root}), ("checkpoint.pth", {
+                "in_channels": data.train_x.shape[1]}, "state_dict": weights,
+                "dataset": cfg.dataset, "data_root": cfg.data_root}), ("checkpoint.pth", {
             "config": asdict(cfg), "model": weights, "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"], "metrics": metrics})):
-        write_atomically(os.path.join(out, name), lambda tmp: torch.save(obj | common, tmp))
+        write_atomically(os.path.join(out, name), lambda f: torch.save(obj | common, f))
     save_metrics(metrics, out)
 
 
 def save_metrics(metrics, out):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=1, allow_nan=False)      # NaN is not JSON
-    write_atomically(os.path.join(out, "metrics.json"), write)
+    write_atomically(os.path.join(out, "metrics.json"), lambda f: json.dump(
+        metrics, f, indent=1, allow_nan=False), "w")              # NaN is not JSON
 
 
 def load_weights(model, state_dict, path):
@@ -1053,8 +1060,8 @@ def check_fits(saved_classes, data, path):
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
     try:
-        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png",
-                                                       bbox_inches="tight"))
+        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png",
+                                                     bbox_inches="tight"))
         if in_notebook():
             plt.show()
     finally:
@@ -1284,9 +1291,8 @@ def check_precision(requested, device):
                 scaler.scale((w * 2).sum()).backward()
             scaler.unscale_(torch.optim.SGD([w]))
     except (RuntimeError, UserWarning, TypeError) as e:
-        raise UserError(f"torch {torch.__version__} cannot run {name} autocast on "
-                        f"{device.type} ({str(e).splitlines()[0]}); use --precision fp32.") \
-            from None
+        raise UserError(f"torch {torch.__version__} cannot run {name} autocast on {device.type} "
+                        f"({str(e).splitlines()[0]}); use --precision fp32.") from None
 
 
 def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
@@ -1310,8 +1316,7 @@ def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
             groups = [g | fused for g in ckpt["optimizer"]["param_groups"]]
             opt.load_state_dict(ckpt["optimizer"] | {"param_groups": groups})
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"the optimizer state in {ckpt_path!r} does not fit this model.") \
-                from None
+            raise UserError(f"{ckpt_path!r} holds an optimizer state for another model.") from None
         if scaler.is_enabled() and ckpt["scaler"]:                 # an fp16 run's scale
             scaler.load_state_dict(ckpt["scaler"])
         return ckpt["metrics"]
@@ -1400,8 +1405,9 @@ def load_model(path, device):
 
 def eval_run(args, device):
     model, cfg, saved = load_model(args.eval, device)
+    here = saved["data_root"] if os.path.isdir(saved["data_root"]) else "./data"  # not C:\content
     cfg = replace(cfg, dataset=args.dataset or saved["dataset"], data=args.data or "auto",
-                  data_root=args.data_root or saved["data_root"])
+                  data_root=args.data_root or here)
     out = writable_folder(args.out or os.path.join(os.path.dirname(os.path.abspath(args.eval)),
                                                    "eval"))       # the run's own figures stay
     data = load_data(cfg, device, saved)                          # the test split alone
@@ -1411,9 +1417,9 @@ def eval_run(args, device):
                         f"but this data has {data.test_x.shape[1]}.")
     precision = precision_policy(args.precision or "auto", device)[0]
     loss, acc, preds = evaluate(model, data, cfg, precision)
-    make_figures(model, data, preds, out)
     print(f"evaluated {args.eval} on {cfg.dataset} ({len(data.test_y):,} test images), "
-          f"loss {loss:.4f}\ntest accuracy: {100 * acc:.2f}%")
+          f"loss {loss:.4f}\ntest accuracy: {100 * acc:.2f}%", flush=True)   # before figures
+    make_figures(model, data, preds, out)
     return acc
 
 
@@ -1426,13 +1432,14 @@ def predict_run(args, device):
     if args.out:
         writable_folder(args.out)
     mode = "L" if saved["config"]["in_channels"] == 1 else "RGB"
-    images = torch.stack([read_image(p, mode, cfg.image_size) for p in args.predict[1:]])
+    files = [f for p in args.predict[1:] for f in sorted(glob.glob(p)) or [p]]   # Windows: *.jpg
+    images = torch.stack([read_image(p, mode, cfg.image_size) for p in files])
     data = Data(images.to(device), None, None, None, saved["classes"],
                 *(torch.tensor(saved[k], device=device) for k in ("mean", "std")))
     x = data.normalize(data.train_x)                              # (B, C, H, W) float
     top_p, top_k = model(x).float().softmax(dim=-1).topk(min(3, len(data.classes)))  # (B, 3)
     names = [[data.classes[k] for k in row] for row in top_k.tolist()]
-    for path, row, p in zip(args.predict[1:], names, top_p.tolist()):
+    for path, row, p in zip(files, names, top_p.tolist()):
         print(f"{path}: " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in zip(row, p)))
     if args.out:
         titles = [f"predicted: {row[0][:12]}\n{100 * p[0]:.1f}%" for row, p in
@@ -1527,7 +1534,8 @@ def resume_run(args, device):
                         f"--epochs above {ckpt['epoch']} to train further.")
     here = os.path.dirname(os.path.abspath(args.resume))
     out = os.path.abspath(args.out) if args.out else here
-    return run_in_folder(cfg, device, out, out != here, ckpt, args.resume)
+    same = os.path.isdir(out) and os.path.samefile(out, here)   # case-blind file systems too
+    return run_in_folder(cfg, device, out, not same, ckpt, args.resume)
 
 
 def main(argv=None):
@@ -1540,6 +1548,8 @@ def main(argv=None):
         if in_notebook():          # argparse printed the help, or its usage and error
             return None
         raise
+    for stream in (sys.stdout, sys.stderr):      # a Windows log in cp1252 prints Hangul escaped
+        getattr(stream, "reconfigure", lambda **k: None)(errors="backslashreplace")
     error = None
     try:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (args.eval or args.predict):
@@ -1557,8 +1567,7 @@ def main(argv=None):
         box = [args.out or (new_run_folder(cfg) if rank() == 0 else None)]
         if world_size() > 1:                      # rank 0's run folder, on every process
             dist.broadcast_object_list(box, src=0)
-        out = box[0]
-        return run_in_folder(cfg, device, out)[-1]["test_acc"]
+        return run_in_folder(cfg, device, box[0])[-1]["test_acc"]
     except KeyboardInterrupt:                     # outside training: nothing to save
         error = Interrupted("interrupted")
     except UserError as e:
