@@ -562,8 +562,8 @@ def evaluate(model, data, cfg, precision):
 def train(cfg, data, device, hooks=Hooks()):
     # Set-up, then the loop. The seed before the model: the same seed, the same initial
     # weights. The model on the device before the optimizer: AdamW's state then lives there.
-    cfg.image_size = data.normalize(data.train_x[:1].to(device)).shape[-1]   # the model's size
-    if cfg.crop_pad is None:                          # of the data: 4 pixels on CIFAR-10's 32
+    cfg.image_size = data.normalize(data.train_x[:1].to(device)).shape[-1]   # the model's input
+    if cfg.crop_pad is None:                      # a crop of the data itself: 4 px on CIFAR-10
         cfg.crop_pad = round(data.train_x.shape[-1] / 8)
     print(f"config: {cfg}")
     torch.manual_seed(cfg.seed)
