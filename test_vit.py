@@ -522,12 +522,16 @@ def test_attention_rollout_is_a_distribution_over_patches():
     assert model.blocks[0].attn.fused                       # the fused path is restored
 
 
-def test_resume_extends_a_run_in_its_folder(trained_run, tmp_path):
-    folder, out, metrics = trained_run
-    copy = tmp_path / "copy"
+def copy_of_run(out, copy):
     copy.mkdir()
     for name in ("checkpoint.pth", "model.pth", "metrics.json"):
         (copy / name).write_bytes(open(os.path.join(out, name), "rb").read())
+    return copy
+
+
+def test_resume_extends_a_run_in_its_folder(trained_run, tmp_path):
+    folder, out, metrics = trained_run
+    copy = copy_of_run(out, tmp_path / "copy")
     vit.main(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3"])
     more = read_metrics(copy)
     assert [m["epoch"] for m in more] == [1, 2, 3]
@@ -1003,10 +1007,7 @@ def test_ctrl_c_in_a_longer_resume_says_a_command_that_works(trained_run, tmp_pa
     # disk still says 2 epochs, so the command must say --epochs 3
     import shlex
     _, out, _ = trained_run
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in ("checkpoint.pth", "model.pth", "metrics.json"):
-        (copy / name).write_bytes(open(os.path.join(out, name), "rb").read())
+    copy = copy_of_run(out, tmp_path / "copy")
     interrupt_in_epoch(1, monkeypatch)
     with pytest.raises(SystemExit):
         vit.main(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3"])
@@ -1709,10 +1710,7 @@ def test_a_missing_folder_is_named_whatever_the_system_wrote_it(path, capsys):
 def test_a_resume_into_its_own_folder_spelled_otherwise_continues_there(trained_run, tmp_path):
     # a case-blind file system (Windows, macOS) spells one folder many ways: a link stands in
     _, out, _ = trained_run
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in ("checkpoint.pth", "model.pth", "metrics.json"):
-        (copy / name).write_bytes(open(os.path.join(out, name), "rb").read())
+    copy = copy_of_run(out, tmp_path / "copy")
     os.symlink(copy, tmp_path / "COPY")
     vit.main(["--resume", str(copy / "checkpoint.pth"), "--epochs", "3", "--out",
               str(tmp_path / "COPY")])
