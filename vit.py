@@ -523,8 +523,7 @@ def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, firs
         correct += (logits.argmax(dim=1) == y).sum()
         now = time.perf_counter()
         rate = (step + 1) * bs / (now - t0)                       # images a second
-        if step == 0:
-            t1 = now                    # the estimate leaves out step 1: --compile compiles it
+        t1 = now if step == 0 else t1   # the estimate leaves out step 1: --compile compiles it
         if first and now - t1 >= 10:    # once. Colab's default runtime is a CPU: say so soon
             first, minutes = False, steps * (cfg.epochs - epoch + 1) * (now - t1) / step / 60
             print(("\r" if live else "") + f"  training will take about {minutes:,.1f} min" + (
@@ -577,7 +576,7 @@ def train(cfg, data, device, hooks=Hooks()):
           f"precision {precision} ({why})")
     metrics = hooks.restore(model, opt, scaler)                   # [] for a new run
     train_model = hooks.wrap(model)
-    start, t_run = len(metrics) + 1, time.perf_counter()
+    start, t0 = len(metrics) + 1, time.perf_counter()
     for epoch in range(start, cfg.epochs + 1):
         train_loss, train_acc, rate = train_one_epoch(train_model, data, opt, scaler, cfg,
                                                       precision, epoch, hooks, epoch == start)
@@ -588,8 +587,7 @@ def train(cfg, data, device, hooks=Hooks()):
         metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                             test_loss=test_loss, test_acc=test_acc,
                             lr=opt.param_groups[0]["lr"], images_per_s=rate))
-        elapsed = time.perf_counter() - t_run
-        done = (epoch - start + 1) / (cfg.epochs - start + 1)
+        elapsed, done = time.perf_counter() - t0, (epoch - start + 1) / (cfg.epochs - start + 1)
         print(f"epoch {epoch:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc "
               f"{100 * train_acc:5.2f}% | test loss {test_loss:.4f} acc {100 * test_acc:5.2f}% "
               f"| {rate:,.0f} img/s | {elapsed / 60:.1f} min, "
@@ -714,8 +712,9 @@ class Upsampled(Data):            # each batch resized on the device, after augm
     size: int = 0                 # the model's side (a pretrained ViT's 224; CIFAR-10 is 32)
 
     def normalize(self, x):
-        x = super().normalize(x)                                  # (B, C, h, w)
-        return F.interpolate(x, size=self.size, mode="bilinear", antialias=self.size < x.size(-1))
+        x = super().normalize(x)                                  # (B, C, h, w): the data's
+        return F.interpolate(x, size=self.size, mode="bilinear",  # (B, C, S, S): the model's
+                             antialias=self.size < x.size(-1))
 
 
 def load_data(cfg, device, saved=None, train=True):
@@ -728,8 +727,9 @@ def load_data(cfg, device, saved=None, train=True):
                         f"its new path)." if set("/\\") & set(cfg.dataset) else f"unknown dataset "
                         f"{cfg.dataset!r}: use cifar10, fashionmnist, or the path of a folder "
                         f"with train/ and test/ subfolders.")
-    xs, ys, classes = (load_torchvision if name in KNOWN_SIZES else load_image_folder)(
-        cfg, device, splits, saved and saved["config"]["in_channels"])
+    channels = saved and saved["config"]["in_channels"]
+    xs, ys, classes = load_torchvision(cfg, splits, channels) if name in KNOWN_SIZES else \
+        load_image_folder(cfg, device, splits, channels)
     if not saved and isinstance(xs[0], torch.Tensor):             # in memory: Part I's way
         data = make_data(xs[0], ys[0], xs[1], ys[1], classes, device)
     else:
@@ -746,7 +746,7 @@ def load_data(cfg, device, saved=None, train=True):
     return data
 
 
-def load_torchvision(cfg, device, wanted, channels=None):
+def load_torchvision(cfg, wanted, channels=None):
     # downloaded once (CIFAR-10 170 MB, FashionMNIST 30 MB); .data: (n, H, W[, C]) uint8
     import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10,
@@ -1516,8 +1516,8 @@ HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ sub
         "data": "stream: read an image folder from disk (default: only if too big)",
         "init": f"start from {', '.join(TORCHVISION_VITS)} (torchvision's ImageNet weights), "
                 "or a model.pth: its shape and weights, a new head for new classes"}
-# finetune: ViT-B/16's ImageNet weights on CIFAR-10 at 224 px, fp16 on a T4 (batch 64 fits its
-# 15 GB). Published, not measured here: 98-99% with ImageNet-21k weights (ViT paper, table 2).
+# finetune: ViT-B/16's ImageNet weights on CIFAR-10 at 224 px, fp16 on a T4 (batch 64: meant to
+# fit its 15 GB, not measured). Published, not measured here: 98-99% from ImageNet-21k weights.
 PRESETS["finetune"] = dict(init="vit_b_16", epochs=3, batch_size=64, lr=1e-4, warmup=0.1)
 
 
