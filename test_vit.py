@@ -1999,6 +1999,30 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_last_checkpoint(colors, tmp_p
     assert not (tmp_path / "run2").exists()           # before the first checkpoint: given back
 
 
+def test_a_save_cut_by_ctrl_c_ends_as_ctrl_c_and_keeps_the_old_file(tmp_path):
+    # torch.save turns a KeyboardInterrupt in one of its writes into a RuntimeError (seen in
+    # CI on torch 2.3): it must still end as Ctrl-C does, not as "a full disk".
+    path = tmp_path / "model.pth"
+    path.write_bytes(b"the last epoch's")
+
+    class Interrupted:                    # a file whose third write meets Ctrl-C
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+    with pytest.raises(KeyboardInterrupt):
+        vit.write_atomically(str(path), lambda f: torch.save({"w": torch.ones(999)},
+                                                             Interrupted(f)))
+    assert path.read_bytes() == b"the last epoch's" and os.listdir(tmp_path) == ["model.pth"]
+
+
 @POSIX
 def test_ctrl_c_says_how_to_resume_and_the_resumed_run_is_exact(colors, tmp_path):
     args = ["--dataset", colors, "--epochs", "40"] + SMALL[2:]

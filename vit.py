@@ -849,9 +849,7 @@ def load_image_folder(cfg, device, wanted, channels=None):
                         + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
                         + "; remove or replace them.")
     mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if modes <= GRAY_MODES else "RGB")
-    sides = Counter()
-    for shape, n in shapes.items():
-        sides[min(shape)] += n
+    sides = sum((Counter({min(shape): n}) for shape, n in shapes.items()), Counter())
     size = cfg.image_size or sides.most_common(1)[0][0]
     if size % cfg.patch_size:
         raise UserError(f"image size {size} is not divisible by patch size {cfg.patch_size}; "
@@ -945,6 +943,8 @@ def write_atomically(path, write, mode="wb"):
             time.sleep(wait)
         os.replace(tmp, path)                                     # the last try: its error
     except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
+        if isinstance(e.__context__, KeyboardInterrupt):   # and Ctrl-C during a write too
+            raise e.__context__ from None
         cause = getattr(e, "strerror", None) or "the write stopped short, as on a full disk"
         raise UserError(f"could not write {path!r} ({cause}); any earlier version of it is "
                         f"kept.") from None
