@@ -7,8 +7,7 @@ position embedding, pre-norm encoder blocks with self-attention written by hand,
 then the whole training recipe on one device: precision, data kept on the device and
 augmented as tensor ops, AdamW, warmup + cosine, label smoothing, one step, one epoch, the
 loop. Part II, the tool, builds on it: many GPUs, data files, big folders, checkpoints that
-resume exactly, figures, --eval, --predict, torchvision's ImageNet weights (--init), the
-command line. (transformer.py: the why of sqrt(d_h), several heads, residuals, LayerNorm.)
+resume exactly, figures, --eval, --predict, ImageNet weights (--init), the command line.
 
 Run it:
   python vit.py --epochs 30                           # CIFAR-10 (downloads into ./data)
@@ -51,8 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def in_notebook():
-    # In a Jupyter kernel (Colab, Kaggle, VS Code): progress in place, figures inline.
+def in_notebook():                # in a Jupyter kernel (Colab, Kaggle, VS Code)
     return "ipykernel" in sys.modules
 
 
@@ -114,17 +112,17 @@ class Attention(nn.Module):
         qkv = qkv.view(B, T, 3, self.heads, self.d_head)          # (B, T, 3, h, d_h)
         qkv = qkv.permute(2, 0, 3, 1, 4)                          # (3, B, h, T, d_h)
         q, k, v = qkv.unbind(0)                                   # (B, h, T, d_h) each
-        if self.fused:
-            p = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)   # (B, h, T, d_h)
-        else:
+        if not self.fused:                                        # the lesson, by hand
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)    # (B, h, T, T)
             # A float32 softmax at least: in mixed precision (section 6) the scores come in
             # 16 bits, and float32 is more exact and, on the CPU, faster.
             exact = torch.promote_types(scores.dtype, torch.float32)
             weights = scores.softmax(dim=-1, dtype=exact).type_as(v)     # rows sum to 1
-            self.attn_weights = weights.detach()
+            self.attn_weights = weights.detach()                  # kept for the figures
             out = self.attn_drop(weights) @ v                            # (B, h, T, d_h)
+        else:                                                     # the same, one kernel
+            p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)   # (B, h, T, d_h)
         out = out.transpose(1, 2)                                 # (B, T, h, d_h)
         out = out.reshape(B, T, D)                                # (B, T, D) heads concat
         return self.proj_drop(self.proj(out))                     # (B, T, D)
@@ -166,8 +164,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))                          # (B, T, D)
-        x = x + self.mlp(self.norm2(x))                           # (B, T, D)
-        return x
+        return x + self.mlp(self.norm2(x))                        # (B, T, D)
 
 
 # -----------------------------------------------------------------------------------------
@@ -401,11 +398,9 @@ def augment(x, pad, shift, mirror):
 def batches(x, y, index_lists):
     # The images (uint8, on the device) and labels at each list of indices: on the device,
     # by indexing. A folder streamed from disk (section 10) reads each batch's files.
-    if not isinstance(x, torch.Tensor):
-        yield from zip(x.stream(index_lists, y.device), (y[i] for i in index_lists))
-        return
-    for i in index_lists:
-        yield x[i], y[i]
+    if isinstance(x, torch.Tensor):
+        return ((x[i], y[i]) for i in index_lists)
+    return zip(x.stream(index_lists, y.device), (y[i] for i in index_lists))
 
 
 # -----------------------------------------------------------------------------------------
@@ -485,17 +480,40 @@ def train_step(model, x, y, opt, scaler, cfg, precision, lr, weight=1.0):
 class Hooks:                       # all that Part II changes in training; one device: nothing
     restore: Callable = lambda model, opt, scaler: []   # resume: load a checkpoint's state
     wrap: Callable = lambda model: model                 # torch.compile, data parallel
-    rank: int = 0                                        # this process, of `world` processes
-    world: int = 1                                       # that share every batch
+    share: Callable = lambda a, b: (a, b)                # this process's part of a..b-1
+    world: int = 1                                       # processes that share every batch
     sum: Callable = lambda t: t                          # a tensor summed over the processes
     after_epoch: Callable = lambda model, opt, scaler, metrics: None   # save a checkpoint
 
 
-def my_share(a, b, hooks):
-    # This process's part of positions a..b-1, split as torch.tensor_split does. One device: all.
-    q, r = divmod(b - a, hooks.world)
-    start = a + hooks.rank * q + min(hooks.rank, r)
-    return start, start + q + (hooks.rank < r)
+class Progress:
+    # Not the lesson: a progress line every second in a terminal or notebook (rewritten in
+    # place), every minute in a log file; and once, after 10 s, how long the run will take.
+    def __init__(self, cfg, epoch, steps, bs, first):
+        self.cfg, self.epoch, self.steps, self.bs, self.first = cfg, epoch, steps, bs, first
+        self.live = sys.stdout.isatty() or in_notebook()
+        self.t0 = self.shown = time.perf_counter()    # made for durations; time.time() is not
+
+    def step(self, step, loss, device):               # after step `step` (0, 1, ...) ended
+        now = time.perf_counter()
+        self.t1 = now if step == 0 else self.t1       # the estimate leaves out step 1: --compile
+        if self.first and now - self.t1 >= 10:        # compiles it. Once: Colab's default
+            self.first, left = False, self.steps * (self.cfg.epochs - self.epoch + 1)
+            minutes = left * (now - self.t1) / step / 60  # runtime is a CPU: say so soon
+            print(("\r" if self.live else "") + f"  training will take about {minutes:,.1f} min" + (
+                ": a GPU takes minutes (in Colab: Runtime > Change runtime type), or try "
+                "--preset cpu" if device.type == "cpu" and minutes > 30 else "") + " " * 20,
+                flush=True)
+        if now - self.shown >= (1 if self.live else 60):
+            rate = (step + 1) * self.bs / (now - self.t0)                 # images a second
+            msg = (f"  epoch {self.epoch} [{step + 1}/{self.steps}] loss {loss.item():.3f}, "
+                   f"{rate:,.0f} img/s")
+            print("\r" + msg if self.live else msg, end="" if self.live else "\n", flush=True)
+            self.shown = now
+
+    def seconds(self):                                # the epoch's, its line cleared
+        print("\r" + " " * 70 + "\r" if self.live else "", end="")
+        return time.perf_counter() - self.t0
 
 
 def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, first=False):
@@ -504,13 +522,10 @@ def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, firs
     n, bs = len(data.train_y), min(cfg.batch_size, len(data.train_y))   # tiny data: 1 batch
     steps = n // bs                                               # the last partial batch: out
     order, pad, shift, mirror = epoch_plan(n, cfg, epoch, data.train_y.device)
-    spans = [my_share(s * bs, s * bs + bs, hooks) for s in range(steps)]
+    spans = [hooks.share(s * bs, s * bs + bs) for s in range(steps)]   # one device: all
     loss_sum = torch.zeros((), device=data.train_y.device)
     correct = torch.zeros((), device=data.train_y.device, dtype=torch.long)
-    # A progress line every second in a terminal or notebook (rewritten in place), every
-    # minute in a log file; and once, after 10 s, how long the whole run will take.
-    live = sys.stdout.isatty() or in_notebook()
-    t0 = shown = time.perf_counter()              # made for durations; time.time() is not
+    progress = Progress(cfg, epoch, steps, bs, first)
     for step, (x, y) in enumerate(batches(data.train_x, data.train_y,
                                           [order[a:b] for a, b in spans])):
         a, b = spans[step]                                        # positions in the epoch
@@ -521,22 +536,8 @@ def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, firs
                                   weight=len(y) * hooks.world / bs)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
-        now = time.perf_counter()
-        rate = (step + 1) * bs / (now - t0)                       # images a second
-        t1 = now if step == 0 else t1   # the estimate leaves out step 1: --compile compiles it
-        if first and now - t1 >= 10:    # once. Colab's default runtime is a CPU: say so soon
-            first, minutes = False, steps * (cfg.epochs - epoch + 1) * (now - t1) / step / 60
-            print(("\r" if live else "") + f"  training will take about {minutes:,.1f} min" + (
-                ": a GPU takes minutes (in Colab: Runtime > Change runtime type), or try "
-                "--preset cpu" if x.device.type == "cpu" and minutes > 30 else "") + " " * 20,
-                flush=True)
-        if now - shown >= (1 if live else 60):
-            msg = f"  epoch {epoch} [{step + 1}/{steps}] loss {loss.item():.3f}, {rate:,.0f} img/s"
-            print("\r" + msg if live else msg, end="" if live else "\n", flush=True)
-            shown = now
-    if live:
-        print("\r" + " " * 70 + "\r", end="")
-    seen, seconds = steps * bs, time.perf_counter() - t0
+        progress.step(step, loss, x.device)
+    seen, seconds = steps * bs, progress.seconds()
     return hooks.sum(loss_sum).item() / seen, hooks.sum(correct).item() / seen, seen / seconds
 
 
@@ -628,7 +629,7 @@ class Interrupted(UserError):
 # -----------------------------------------------------------------------------------------
 # 9. Many devices: data parallel, with torchrun
 # `torchrun --nproc-per-node=N vit.py` starts N copies, one per GPU, each told its rank.
-# Each trains on its share of every batch (Hooks.rank, .world); DDP averages the gradients
+# Each trains on its share of every batch (Hooks.share, .world); DDP averages the gradients
 # inside backward() (an all-reduce), so all take the same step: the one-device run with the
 # same --batch-size, up to rounding. Weights (the seed) and each epoch's plan (section 7)
 # agree without a word; losses and counts are summed. Rank 0 alone writes files.
@@ -648,6 +649,13 @@ def all_sum(t):
         dist.all_reduce(u)
         t = u.to(t.device)
     return t
+
+
+def my_share(a, b):
+    # This process's part of positions a..b-1, split as torch.tensor_split does
+    q, r = divmod(b - a, world_size())
+    start = a + rank() * q + min(rank(), r)
+    return start, start + q + (rank() < r)
 
 
 def fast_cuda(device):
@@ -736,7 +744,7 @@ def load_data(cfg, device, saved=None, train=True):
         if saved:
             mean, std = (torch.tensor(saved[k]) for k in ("mean", "std"))
         else:                                 # streamed: each process its share, summed
-            lo, hi = my_share(0, len(xs[0]), Hooks(rank=rank(), world=world_size()))
+            lo, hi = my_share(0, len(xs[0]))
             mean, std = channel_stats(xs[0].stream(torch.arange(lo, hi).split(256), "cpu"),
                                       len(xs[0]) * xs[0].size ** 2, all_sum)
         on = [t.to(device) if isinstance(t, torch.Tensor) else t for xy in zip(xs, ys) for t in xy]
@@ -1387,7 +1395,7 @@ def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
         if rank() == 0:
             save_checkpoint(out, cfg, data, model, opt, scaler, metrics)
 
-    hooks = Hooks(restore, wrap, rank(), world_size(), all_sum, after_epoch)
+    hooks = Hooks(restore, wrap, my_share, world_size(), all_sum, after_epoch)
     model, metrics, preds = train(cfg, data, device, hooks)
     if rank() == 0:
         make_figures(model, data, preds, out, metrics)
