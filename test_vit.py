@@ -50,9 +50,13 @@ def lengths_to_tokens(lengths, T):
     return torch.stack([torch.tensor([5] * n + [tf.PAD] * (T - n)) for n in lengths])
 
 
-@pytest.mark.parametrize("n_heads", [1, 4])
-@pytest.mark.parametrize("case", ["none", "causal", "padding", "causal+padding", "cross"])
-def test_multi_head_attention_matches_pytorch(n_heads, case):
+def test_ex04_multi_head_attention_matches_pytorch():
+    for n_heads in (1, 4):
+        for case in ("none", "causal", "padding", "causal+padding", "cross"):
+            multi_head_attention_matches_pytorch(n_heads, case)
+
+
+def multi_head_attention_matches_pytorch(n_heads, case):
     torch.manual_seed(0)
     D, B, T = 32, 3, 6
     S = 9 if case == "cross" else T
@@ -77,7 +81,7 @@ def test_multi_head_attention_matches_pytorch(n_heads, case):
     torch.testing.assert_close(ours.attn_weights, want_w, rtol=0, atol=1e-10)
 
 
-def test_attention_scale_is_one_over_sqrt_dk():
+def test_ex03_attention_scale_is_one_over_sqrt_dk():
     # softmax(q k^T / sqrt(d_k)) v computed by hand for one query and two keys
     q = torch.tensor([[[[1.0, 2.0, 0.0, 1.0]]]])                # (1, 1, 1, 4)
     k = torch.tensor([[[[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]]])
@@ -89,7 +93,7 @@ def test_attention_scale_is_one_over_sqrt_dk():
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([p1, 1 - p1]))
 
 
-def test_attention_rows_sum_to_one_and_masked_weights_are_exactly_zero():
+def test_ex04_attention_rows_sum_to_one_and_masked_weights_are_exactly_zero():
     torch.manual_seed(0)
     mha = tf.MultiHeadAttention(16, 2)
     x = torch.randn(2, 5, 16) * 10                              # large scores stress softmax
@@ -100,7 +104,7 @@ def test_attention_rows_sum_to_one_and_masked_weights_are_exactly_zero():
     assert torch.all(w.masked_select(~mask.expand_as(w)) == 0)
 
 
-def test_fully_masked_query_row_gives_zero_weights_not_nan():
+def test_ex04_a_fully_masked_query_row_gives_zero_weights_not_nan():
     # Documented choice: a query whose keys are all padding attends to nothing (weights 0),
     # so its output is just W_o's bias, and nothing is NaN.
     torch.manual_seed(0)
@@ -111,6 +115,31 @@ def test_fully_masked_query_row_gives_zero_weights_not_nan():
     assert not torch.isnan(out).any()
     assert torch.all(mha.attn_weights[1] == 0)
     torch.testing.assert_close(out[1], mha.W_o.bias.expand(4, 16))
+
+
+def test_ex03_attention_equals_pytorchs_and_masked_weights_are_exactly_zero():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
+    mask = tf.causal_mask(5) & tf.padding_mask(lengths_to_tokens([5, 3], 5), tf.PAD)
+    out, w = tf.scaled_dot_product_attention(q, k, v, mask)       # (B, h, T, d_h), (B, h, T, T)
+    want = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
+    assert torch.all(w.masked_select(~mask.expand_as(w)) == 0)
+    none = torch.zeros(1, 1, 5, 5, dtype=torch.bool)              # every key masked: no NaN
+    out, w = tf.scaled_dot_product_attention(q, k, v, none)
+    assert torch.all(w == 0) and torch.all(out == 0)
+
+
+def test_ex05_the_feed_forward_network_is_relu_between_two_linears():
+    torch.manual_seed(0)
+    ffn = tf.FeedForward(8, 32, dropout=0.5).eval()
+    x = torch.randn(2, 3, 8)
+    lin1, lin2 = ffn.linear1, ffn.linear2
+    want = nn.functional.linear(nn.functional.relu(nn.functional.linear(
+        x, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)      # the paper's formula
+    torch.testing.assert_close(ffn(x), want)
+    assert not torch.allclose(ffn.train()(x), want)               # dropout while training
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,7 +156,7 @@ def copy_ffn_and_norms(ours, theirs, n_norms):
             getattr(theirs, f"norm{i}").load_state_dict(norm.state_dict())
 
 
-def test_encoder_layer_matches_pytorch():
+def test_ex06_encoder_layer_matches_pytorch():
     torch.manual_seed(0)
     D, H, F, B, S = 32, 4, 64, 3, 7
     ours = tf.EncoderLayer(D, H, F, dropout=0.0).double()
@@ -142,7 +171,7 @@ def test_encoder_layer_matches_pytorch():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-def test_decoder_layer_matches_pytorch():
+def test_ex07_decoder_layer_matches_pytorch():
     torch.manual_seed(0)
     D, H, F, B, T, S = 32, 4, 64, 3, 6, 8
     ours = tf.DecoderLayer(D, H, F, dropout=0.0).double()
@@ -164,7 +193,7 @@ def test_decoder_layer_matches_pytorch():
 # ------------------------------------------------------------------------------------------
 # transformer.py: positional encoding, masks, the full model
 # ------------------------------------------------------------------------------------------
-def test_positional_encoding_matches_formula_and_is_a_buffer():
+def test_ex01_positional_encoding_matches_the_formula_and_is_a_buffer():
     d_model, max_len = 10, 50
     pe = tf.PositionalEncoding(d_model, max_len)
     assert "pe" in dict(pe.named_buffers()) and len(list(pe.parameters())) == 0
@@ -177,12 +206,13 @@ def test_positional_encoding_matches_formula_and_is_a_buffer():
     torch.testing.assert_close(pe(x), x + pe.pe[:7])
 
 
-def test_causal_mask():
+def test_ex02_causal_and_padding_masks():
     m = tf.causal_mask(4)
     assert m.dtype == torch.bool and m.shape == (4, 4)
-    for i in range(4):
-        for j in range(4):
-            assert m[i, j].item() == (j <= i)
+    assert m.tolist() == [[j <= i for j in range(4)] for i in range(4)]
+    p = tf.padding_mask(torch.tensor([[5, 6, tf.PAD], [7, tf.PAD, tf.PAD]]), tf.PAD)
+    assert p.dtype == torch.bool and p.shape == (2, 1, 1, 3)
+    assert p[:, 0, 0].tolist() == [[True, True, False], [True, False, False]]
 
 
 def small_model(seed=0):
@@ -297,8 +327,12 @@ def torchvision_state_dict(ours):
     return sd
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_vit_equals_torchvision_vision_transformer(fused):
+def test_ex11_vit_equals_torchvision_vision_transformer():
+    for fused in (True, False):
+        vit_equals_torchvision_vision_transformer(fused)
+
+
+def vit_equals_torchvision_vision_transformer(fused):
     ours = tiny_vit(fused=fused).eval()
     with torch.no_grad():                      # non-trivial LayerNorms and biases
         for n, p in ours.named_parameters():
@@ -313,14 +347,17 @@ def test_vit_equals_torchvision_vision_transformer(fused):
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
 
 
-def test_fused_and_hand_written_attention_agree():
-    x = torch.randn(4, 3, 16, 16)
-    fused, manual = tiny_vit(fused=True).eval(), tiny_vit(fused=False).eval()
+def test_ex09_fused_and_hand_written_attention_agree():
+    torch.manual_seed(0)
+    manual = vit.Attention(32, 4, fused=False).eval()
+    fused = vit.Attention(32, 4, fused=True).eval()
+    fused.load_state_dict(manual.state_dict())
+    x = torch.randn(3, 17, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), manual(x), rtol=0, atol=1e-5)
 
 
-def test_hand_written_attention_in_bf16_stays_close_to_float32():
+def test_ex09_hand_written_attention_in_bf16_stays_close_to_float32():
     # Under bf16 autocast (the training default on this CPU) and in a model cast to bf16,
     # the softmax runs in float32 and its result returns to bf16 for the product with V.
     torch.manual_seed(0)
@@ -336,7 +373,7 @@ def test_hand_written_attention_in_bf16_stays_close_to_float32():
         torch.testing.assert_close(got.float(), want, rtol=0, atol=0.05)
 
 
-def test_block_attention_equals_nn_multihead_attention():
+def test_ex09_attention_equals_nn_multihead_attention():
     torch.manual_seed(0)
     attn = vit.Attention(32, 4, fused=False).eval()
     mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
@@ -350,7 +387,7 @@ def test_block_attention_equals_nn_multihead_attention():
         torch.testing.assert_close(attn.attn_weights, want_w, rtol=0, atol=1e-6)
 
 
-def test_patchify_by_reshape_equals_conv2d():
+def test_ex08_patchify_by_reshape_equals_conv2d():
     torch.manual_seed(0)
     embed = vit.PatchEmbed(patch_size=4, in_channels=3, dim=24)
     x = torch.randn(2, 3, 16, 12)
@@ -360,6 +397,26 @@ def test_patchify_by_reshape_equals_conv2d():
     # and patch n is the pixels of the n-th P x P square, in row-major order
     patches = vit.patchify(x, 4)
     torch.testing.assert_close(patches[1, 4], x[1, :, 4:8, 4:8].reshape(-1))
+
+
+def test_ex10_block_equals_a_pre_norm_nn_transformer_encoder_layer():
+    # nn.TransformerEncoderLayer with norm_first=True is the ViT's block: MLP with GELU
+    torch.manual_seed(0)
+    ours = vit.Block(32, 4, 64).eval()
+    theirs = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu",
+                                        layer_norm_eps=1e-6, batch_first=True,
+                                        norm_first=True).eval()
+    with torch.no_grad():
+        for n, p in ours.named_parameters():                      # non-trivial norms, biases
+            if "norm" in n or n.endswith("bias"):
+                p.normal_(0, 0.5)
+        theirs.self_attn.in_proj_weight.copy_(ours.attn.qkv.weight)
+        theirs.self_attn.in_proj_bias.copy_(ours.attn.qkv.bias)
+        for a, b in (("self_attn.out_proj", "attn.proj"), ("linear1", "mlp.fc1"),
+                     ("linear2", "mlp.fc2"), ("norm1", "norm1"), ("norm2", "norm2")):
+            theirs.get_submodule(a).load_state_dict(ours.get_submodule(b).state_dict())
+        x = torch.randn(2, 17, 32)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -423,7 +480,7 @@ def test_a_tiny_batch_can_be_overfit():
     assert (model(x).argmax(1) == y).all() and loss.item() < 0.1
 
 
-def test_augment_crops_and_flips_exactly_as_drawn():
+def test_ex12_augment_crops_and_flips_exactly_as_drawn():
     # Each image is the window at its drawn shift of the zero-padded image, mirrored where
     # its coin says so; and epoch_plan draws every shift and both sides of the coin.
     x = torch.arange(6 * 1 * 4 * 4, dtype=torch.uint8).view(6, 1, 4, 4)
@@ -820,7 +877,7 @@ def test_an_unsupported_autocast_is_one_sentence(colors, tmp_path, monkeypatch, 
     assert not (tmp_path / "r").exists()
 
 
-def test_a_skipped_fp16_step_changes_no_weight_and_halves_the_scale():
+def test_ex14_a_skipped_fp16_step_changes_no_weight_and_halves_the_scale():
     # A scale of 2^127 overflows every gradient: the scaler skips AdamW's step (no weight
     # moves) and halves its scale; the learning rate is still the one given for the step.
     model = tiny_vit()
@@ -834,6 +891,87 @@ def test_a_skipped_fp16_step_changes_no_weight_and_halves_the_scale():
         assert all(g["lr"] == lr for g in opt.param_groups)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # skipped
     assert scaler.get_scale() == 2.0 ** 125                         # halved twice
+
+
+def test_ex13_warmup_and_cosine_equal_torchs_own_schedulers():
+    # LinearLR from 0.1% over the warmup steps, then CosineAnnealingLR down to 0: PyTorch's
+    # schedulers, stepped as a training loop steps them
+    for total, warmup in ((40, 0.1), (7, 0.3), (100, 0.05), (3, 0.0)):
+        cfg, steps = vit.Config(lr=0.01, warmup=warmup), max(1, round(warmup * total))
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        sched = torch.optim.lr_scheduler
+        theirs = sched.SequentialLR(opt, [sched.LinearLR(opt, 1e-3, 1.0, steps),
+                                          sched.CosineAnnealingLR(opt, total - steps)], [steps])
+        want = []
+        with warnings.catch_warnings():              # torch 2.3's SequentialLR warns inside
+            warnings.simplefilter("ignore")
+            for _ in range(total):
+                want.append(opt.param_groups[0]["lr"])
+                opt.step()
+                theirs.step()
+        got = [vit.lr_at(step, total, cfg) for step in range(total)]
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15), (total, warmup)
+
+
+def test_ex14_one_training_step_is_a_plain_pytorch_step():
+    # train_step against the step written out with PyTorch: the lr set, label-smoothed
+    # cross-entropy, backward, the global norm clipped to 1, AdamW; on a model of one Linear
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    theirs = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    theirs.load_state_dict(ours.state_dict())
+    cfg = vit.Config(weight_decay=0.05, clip_grad=1.0, label_smoothing=0.1)
+    opt = torch.optim.AdamW(ours.parameters(), weight_decay=cfg.weight_decay)
+    ref = torch.optim.AdamW(theirs.parameters(), weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for lr in (0.5, 0.1, 0.02):                          # large: the clip matters
+        x, y = torch.randn(8, 3, 2, 2) * 10, torch.randint(0, 3, (8,))
+        logits, loss = vit.train_step(ours, x, y, opt, scaler, cfg, "fp32", lr)
+        for group in ref.param_groups:
+            group["lr"] = lr
+        want = nn.functional.cross_entropy(theirs(x), y, label_smoothing=0.1)
+        ref.zero_grad()
+        want.backward()
+        assert nn.utils.clip_grad_norm_(theirs.parameters(), 1.0) > 1.0
+        ref.step()
+        torch.testing.assert_close(loss, want)
+        assert logits.shape == (8, 3)
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_ex15_an_epoch_is_its_plan_stepped_and_training_learns():
+    # One epoch against the same epoch written out from its plan (order, crops, flips) and
+    # the schedule: the same weights, loss and accuracy; then three epochs learn a task.
+    torch.manual_seed(0)
+    dark, light = torch.randint(0, 100, (40, 1, 8, 8)), torch.randint(156, 256, (40, 1, 8, 8))
+    x, y = torch.cat([dark, light]).to(torch.uint8), torch.arange(80) // 40
+    cpu = torch.device("cpu")
+    data = vit.make_data(x[::2], y[::2], x[1::2], y[1::2], ["dark", "light"], cpu)
+    cfg = vit.Config(epochs=3, batch_size=16, lr=3e-3, patch_size=4, dim=16, depth=1,
+                     heads=2, mlp_dim=32, image_size=8, crop_pad=1, precision="fp32")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    models = [vit.build_model(cfg, 1, 2, cpu) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [vit.build_optimizer(m, cfg, cpu) for m in models]
+    loss, acc, rate = vit.train_one_epoch(models[0], data, opts[0], scaler, cfg, "fp32", 1,
+                                          vit.Hooks())
+    order, pad, shift, mirror = vit.epoch_plan(40, cfg, 1, cpu)
+    losses, correct = [], 0
+    for step in range(40 // 16):                          # the last partial batch: dropped
+        i = slice(16 * step, 16 * step + 16)
+        images = vit.augment(data.train_x[order[i]], pad, shift[i], mirror[i])
+        logits, l = vit.train_step(models[1], data.normalize(images), data.train_y[order[i]],
+                                   opts[1], scaler, cfg, "fp32", vit.lr_at(step, 3 * 2, cfg))
+        losses.append(l.item())
+        correct += (logits.argmax(1) == data.train_y[order[i]]).sum().item()
+    assert loss == pytest.approx(sum(losses) / 2) and acc == correct / 32 and rate > 0
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    for epoch in (2, 3):
+        loss, acc, _ = vit.train_one_epoch(models[0], data, opts[0], scaler, cfg, "fp32",
+                                           epoch, vit.Hooks())
+    assert vit.evaluate(models[0], data, cfg, "fp32")[1] >= 0.9
 
 
 def test_adamw_is_fused_on_cuda_only(monkeypatch):
@@ -2105,22 +2243,18 @@ def test_the_docstring_section_list_matches_the_banners(script):
 
 
 def test_the_readme_tells_the_files_as_they_are():
-    # its line counts, Part I's end, its section maps and its options are the files' own
+    # its section maps, Part I's sections and its options are the files' own
     import re
     here = os.path.dirname(os.path.abspath(__file__))
     readme = open(os.path.join(here, "README.md"), encoding="utf-8").read()
     source = open(vit.__file__, encoding="utf-8").read()
-    part_one = source[:source.index("\n# Part II")].count("\n")
-    lines = {name: open(os.path.join(here, name), encoding="utf-8").read().count("\n")
-             for name in ("vit.py", "transformer.py")}
-    assert f"`vit.py` ({lines['vit.py']:,} lines)" in readme
-    assert f"`transformer.py` ({lines['transformer.py']:,} lines)" in readme
-    assert f"**Part I, the lesson** (lines 1–{part_one})" in readme
-    assert f"**Part II, the tool** ({lines['vit.py'] - part_one:,} lines)" in readme
+    part_one = re.findall(r"^# (\d+)\. ", source[:source.index("\n# Part II")], flags=re.M)
+    assert f"**Part I, the lesson** (sections 1–{part_one[-1]}, under 600 lines)" in readme
     for script in (vit, tf):
         banners = re.findall(r"^# (\d+)\. ", open(script.__file__, encoding="utf-8").read(),
                              flags=re.M)
-        mapped = readme[readme.index(f"`{script.__name__}.py` ("):]
+        mapped = readme[readme.index(f"`{script.__name__}.py`: ") if script is tf else
+                        readme.index("`vit.py` has two parts"):]
         mapped = mapped[:mapped.index("\n\n")]
         assert re.findall(r"(?<![\w,–.])(\d+) (?!lines)[A-Za-z`]", mapped) == banners, mapped
     section = readme[readme.index("## Options that matter"):readme.index("## Tests")]
@@ -2499,3 +2633,103 @@ def test_a_torchvision_data_set_stays_small_and_each_batch_is_upsampled(tmp_path
     saved = torch.load(tmp_path / "run" / "model.pth", weights_only=True)
     assert saved["config"]["image_size"] == 56 and saved["state_dict"]["pos_embed"].shape[1] == 17
 
+
+
+# ------------------------------------------------------------------------------------------
+# Exercises (docs/exercises.py makes a student copy): the tests named test_exNN_ grade
+# exercise NN; each fails, naming its exercise, until that body is written
+# ------------------------------------------------------------------------------------------
+def exercise_tests():
+    # {N: exercise N's tests}, from their names
+    tests = {}
+    for name, test in globals().items():
+        if re.match(r"test_ex\d\d_", name):
+            tests.setdefault(int(name[7:9]), []).append(test)
+    return tests
+
+
+def test_a_student_copy_fails_each_exercise_until_its_body_is_written(tmp_path, monkeypatch,
+                                                                       capsys):
+    import importlib.util
+    import types
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("exercises", f"{here}/docs/exercises.py")
+    exercises = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exercises)
+    tests, n_exercises, copy = exercise_tests(), len(exercises.EXERCISES), tmp_path / "copy"
+    assert sorted(tests) == list(range(1, n_exercises + 1))
+    with open(f"{here}/README.md", encoding="utf-8") as f:
+        assert f"a student copy, with {n_exercises} exercises" in f.read()
+    exercises.main([str(copy)])                               # the teacher's command
+    with pytest.raises(SystemExit, match="already holds a copy"):
+        exercises.main([str(copy)])                           # a student's work is kept
+    assert sorted(os.listdir(copy)) == ["EXERCISES.md", "test_vit.py", "transformer.py",
+                                        "vit.py"]
+    for n in range(1, n_exercises + 2):         # exercises 1..n-1 written, n.. still blank
+        for name, alias in (("transformer", "tf"), ("vit", "vit")):
+            with open(f"{here}/{name}.py", encoding="utf-8") as f:
+                text = exercises.blank(f.read(), name, set(range(n, n_exercises + 1)))
+            if n == 1:                                        # the copy as it was made
+                assert text == (copy / f"{name}.py").read_text(encoding="utf-8")
+            module = types.ModuleType(name)
+            module.__file__ = str(copy / f"{name}.py")
+            monkeypatch.setitem(sys.modules, name, module)    # (dataclasses look it up)
+            exec(compile(text, module.__file__, "exec"), module.__dict__)
+            monkeypatch.setitem(globals(), alias, module)     # what the tests call
+        if n == 1:                                            # it imports; --help works
+            for script in (tf, vit):
+                with pytest.raises(SystemExit) as e:
+                    script.main(["--help"])
+                assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+        for test in tests.get(n - 1, []):                     # the one just written: passes
+            test()
+        for m in range(n, n_exercises + 1):                   # the blank ones fail, the
+            for test in tests[m]:                             # next one naming itself
+                naming = f"exercise {n}: " if m == n else None
+                with pytest.raises(NotImplementedError, match=naming):
+                    test()
+
+
+@POSIX
+def test_python_test_vit_py_scores_a_student_copy(tmp_path):
+    # the student's one command: a line for each exercise, passed or failed, and the score
+    import importlib.util
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("exercises", f"{here}/docs/exercises.py")
+    exercises = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exercises)
+    exercises.main([str(tmp_path)])
+    n = len(exercises.EXERCISES)
+    with open(f"{here}/transformer.py", encoding="utf-8") as f:  # exercises 1 and 2 written
+        (tmp_path / "transformer.py").write_text(
+            exercises.blank(f.read(), "transformer", set(range(3, n + 1))), encoding="utf-8")
+    run = subprocess.run([sys.executable, "test_vit.py"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 1 and lines[-1] == f"score: 2 of {n} exercises", run.stdout[-3000:]
+    assert lines[-n - 1:-1] == [f"exercise {k:2d}: {'passed' if k < 3 else 'failed'}"
+                                for k in range(1, n + 1)]
+    assert "NotImplementedError: exercise 3: scaled dot-product attention" in run.stdout
+
+
+if __name__ == "__main__":
+    # python test_vit.py: a student copy graded, a line for each exercise (EXERCISES.md)
+    class Score:
+        def __init__(self):
+            self.passed = {}
+
+        def pytest_collection_modifyitems(self, items):
+            items[:] = sorted((item for item in items if re.match(r"test_ex\d\d_", item.name)),
+                              key=lambda item: item.name[7:9])      # in the exercises' order
+
+        def pytest_runtest_logreport(self, report):
+            if report.when == "call" or not report.passed:
+                n = int(report.nodeid.split("::")[-1][7:9])
+                self.passed[n] = self.passed.get(n, True) and report.passed
+    score = Score()
+    pytest.main([__file__, "-q", "--tb=line", "-rN", "-p", "no:cacheprovider"] + sys.argv[1:],
+                plugins=[score])
+    for n, passed in sorted(score.passed.items()):
+        print(f"exercise {n:2d}: {'passed' if passed else 'failed'}")
+    print(f"score: {sum(score.passed.values())} of {len(score.passed)} exercises")
+    sys.exit(0 if score.passed and all(score.passed.values()) else 1)
