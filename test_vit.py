@@ -1203,6 +1203,42 @@ def test_a_folder_is_decoded_into_memory_without_a_second_copy(monkeypatch):
     assert peak < 1.7 * x.numel(), f"decoding peaked at {peak / x.numel():.2f} times the data"
 
 
+@pytest.mark.parametrize("data", ["auto", "stream"])
+def test_a_validation_split_is_measured_every_epoch_and_the_test_split_once(data, colors,
+                                                                           tmp_path, capsys):
+    out = tmp_path / "run"
+    vit.main(["--dataset", colors, "--val-split", "0.25", "--data", data, "--out", str(out)]
+             + SMALL)
+    printed = capsys.readouterr().out
+    assert "18 train and 6 validation images" in printed
+    epochs = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all("| val loss" in e and "test" not in e for e in epochs)
+    metrics = read_metrics(out)
+    assert all({"val_loss", "val_acc"} <= m.keys() for m in metrics)
+    assert "test_acc" not in metrics[0] and {"test_loss", "test_acc"} <= metrics[-1].keys()
+    assert f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%" in printed
+    vit.main(["--eval", str(out / "model.pth"), "--out", str(tmp_path / "eval")])  # test/ alone
+    assert f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%" in capsys.readouterr().out
+
+
+def test_the_validation_split_is_seeded_disjoint_and_streams_alike(colors, capsys):
+    # hold_out: the same images whether kept in memory or streamed; another seed, others
+    cfg = vit.Config(dataset=colors, val_split=0.25, patch_size=4)
+    cpu = torch.device("cpu")
+    kept = vit.load_data(cfg, cpu)
+    streamed = vit.load_data(replace(cfg, data="stream"), cpu)
+    a, b = vit.hold_out(kept, cfg), vit.hold_out(streamed, cfg)
+    assert torch.equal(a.test_x, b.test_x[:]) and torch.equal(a.train_x, b.train_x[:])
+    assert torch.equal(a.test_y, b.test_y) and len(a.test_y) == 6 and len(a.train_y) == 18
+    rows = {tuple(x.flatten().tolist()) for x in torch.cat([a.train_x, a.test_x])}
+    assert rows == {tuple(x.flatten().tolist()) for x in kept.train_x}   # a partition
+    other = vit.hold_out(kept, replace(cfg, seed=1))
+    assert not torch.equal(other.test_x, a.test_x)
+    for fraction, words in ((0.01, "no validation image"), (0.99, "nothing to train on")):
+        with pytest.raises(vit.UserError, match=words):
+            vit.hold_out(kept, replace(cfg, val_split=fraction))
+
+
 def test_eval_reads_only_the_test_split(trained_run, tmp_path, capsys):
     # model.pth holds the classes, the channels and the normalisation: no train/ is needed
     folder, out, metrics = trained_run

@@ -263,6 +263,7 @@ class Config:
     compile: bool = False           # torch.compile (section 13)
     data: str = "auto"              # auto or stream (section 10)
     init: str = ""                  # start from a torchvision ViT or a model.pth (section 11)
+    val_split: float = 0.0          # held out of train/, measured each epoch (section 13)
 
 
 PRESETS = {
@@ -426,9 +427,8 @@ def batches(x, y, index_lists):
 # peak over the first 5% of steps, then follows half a cosine down to zero: large steps far
 # from a good solution, ever smaller ones to settle into it. It depends on the step and the
 # run's length alone (lr_at), so a resumed run, even with a new --epochs, gets exactly the
-# value of its schedule. An epoch's last, partial batch is dropped: every step has the same
-# size, and the order is new every epoch. Losses are summed on the device and read once an
-# epoch (and once a second for the progress line): every .item() waits for the GPU.
+# value of its schedule. The last, partial batch is dropped: all steps have one size. Losses
+# are summed on the device and read once an epoch: every .item() waits for the GPU.
 # -----------------------------------------------------------------------------------------
 def use_fused_attn(cfg, device):
     # fused CPU attention has a slow backward (docs/benchmark.py); on GPUs fused is the fast one
@@ -489,17 +489,16 @@ class Hooks:                       # all that Part II changes in training; one d
 class Progress:
     # Not the lesson: a progress line every second in a terminal or notebook (rewritten in
     # place), every minute in a log file; and once, after 10 s, how long the run will take.
-    def __init__(self, cfg, epoch, steps, bs, first):
-        self.cfg, self.epoch, self.steps, self.bs, self.first = cfg, epoch, steps, bs, first
+    def __init__(self, epoch, steps, bs, steps_left):    # steps_left 0: no estimate
+        self.epoch, self.steps, self.bs, self.left = epoch, steps, bs, steps_left
         self.live = sys.stdout.isatty() or in_notebook()
         self.t0 = self.shown = time.perf_counter()    # made for durations; time.time() is not
 
     def step(self, step, loss, device):               # after step `step` (0, 1, ...) ended
         now = time.perf_counter()
         self.t1 = now if step == 0 else self.t1       # the estimate leaves out step 1: --compile
-        if self.first and now - self.t1 >= 10:        # compiles it. Once: Colab's default
-            self.first, left = False, self.steps * (self.cfg.epochs - self.epoch + 1)
-            minutes = left * (now - self.t1) / step / 60  # runtime is a CPU: say so soon
+        if self.left and now - self.t1 >= 10:         # compiles it. Once: Colab's default
+            minutes, self.left = self.left * (now - self.t1) / step / 60, 0   # runtime: a CPU
             print(("\r" if self.live else "") + f"  training will take about {minutes:,.1f} min" + (
                 ": a GPU takes minutes (in Colab: Runtime > Change runtime type), or try "
                 "--preset cpu" if device.type == "cpu" and minutes > 30 else "") + " " * 20,
@@ -525,7 +524,7 @@ def train_one_epoch(model, data, opt, scaler, cfg, precision, epoch, hooks, firs
     spans = [hooks.share(s * bs, s * bs + bs) for s in range(steps)]   # one device: all
     loss_sum = torch.zeros((), device=data.train_y.device)
     correct = torch.zeros((), device=data.train_y.device, dtype=torch.long)
-    progress = Progress(cfg, epoch, steps, bs, first)
+    progress = Progress(epoch, steps, bs, steps * (cfg.epochs - epoch + 1) * first)
     for step, (x, y) in enumerate(batches(data.train_x, data.train_y,
                                           [order[a:b] for a, b in spans])):
         a, b = spans[step]                                        # positions in the epoch
@@ -576,6 +575,7 @@ def train(cfg, data, device, hooks=Hooks()):
           f"attention {'fused' if use_fused_attn(cfg, device) else 'hand-written'}, "
           f"precision {precision} ({why})")
     metrics = hooks.restore(model, opt, scaler)                   # [] for a new run
+    held = "val" if cfg.val_split else "test"     # what data.test_x holds (section 13)
     train_model = hooks.wrap(model)
     start, t0 = len(metrics) + 1, time.perf_counter()
     for epoch in range(start, cfg.epochs + 1):
@@ -586,11 +586,11 @@ def train(cfg, data, device, hooks=Hooks()):
             raise FloatingPointError(f"training diverged in epoch {epoch} (the loss became nan or "
                            f"inf); start a new run with a lower --lr than {cfg.lr}")
         metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
-                            test_loss=test_loss, test_acc=test_acc,
+                            **{f"{held}_loss": test_loss, f"{held}_acc": test_acc},
                             lr=opt.param_groups[0]["lr"], images_per_s=rate))
         elapsed, done = time.perf_counter() - t0, (epoch - start + 1) / (cfg.epochs - start + 1)
         print(f"epoch {epoch:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc "
-              f"{100 * train_acc:5.2f}% | test loss {test_loss:.4f} acc {100 * test_acc:5.2f}% "
+              f"{100 * train_acc:5.2f}% | {held} loss {test_loss:.4f} acc {100 * test_acc:5.2f}% "
               f"| {rate:,.0f} img/s | {elapsed / 60:.1f} min, "
               f"{(elapsed / done - elapsed) / 60:.1f} min left", flush=True)
         hooks.after_epoch(model, opt, scaler, metrics)
@@ -1166,9 +1166,10 @@ def print_shapes(model, images):
 def plot_curves(metrics, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    held = ("val", "validation") if "val_acc" in metrics[0] else ("test", "test")   # --val-split
     for ax, key, scale, title in ((axes[0], "loss", 1, "Loss (label-smoothed cross-entropy)"),
                                   (axes[1], "acc", 100, "Accuracy (%)")):
-        for split, label in (("train", "train (augmented)"), ("test", "test")):
+        for split, label in (("train", "train (augmented)"), held):
             ax.plot([m["epoch"] for m in metrics], [scale * m[f"{split}_{key}"] for m in metrics],
                     "o-", label=label)
         ax.set(title=title, xlabel="epoch")
@@ -1306,7 +1307,7 @@ def validate(cfg):
     for name in ("epochs", "batch_size", "lr", "patch_size", "dim", "depth", "heads", "mlp_dim"):
         if getattr(cfg, name) <= 0:
             raise bad(name, "be positive")
-    for name in ("dropout", "warmup", "label_smoothing"):
+    for name in ("dropout", "warmup", "label_smoothing", "val_split"):
         if not 0 <= getattr(cfg, name) < 1:
             raise bad(name, "be in [0, 1)")
     for name in ("image_size", "crop_pad", "weight_decay", "clip_grad"):
@@ -1350,11 +1351,29 @@ def check_precision(requested, device):
                         f"({str(e).splitlines()[0]}); use --precision fp32.") from None
 
 
+def hold_out(data, cfg):
+    # --val-split: a seeded part of the training split is measured every epoch in the test
+    # split's place, so that choices made on it leave the test split unseen until the end
+    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = round(cfg.val_split * len(order))
+    if not 0 < n_val < len(order):
+        raise UserError(f"--val-split {cfg.val_split} of {len(order)} training images leaves "
+                        f"{'no validation image' if n_val == 0 else 'nothing to train on'}.")
+    x, parts = data.train_x, [order[n_val:].sort().values, order[:n_val].sort().values]
+    xs = [x[i.to(data.train_y.device)] if isinstance(x, torch.Tensor) else
+          ImageFiles([x.files[j] for j in i.tolist()], x.mode, x.size) for i in parts]
+    ys = [data.train_y[i.to(data.train_y.device)] for i in parts]
+    return replace(data, train_x=xs[0], train_y=ys[0], test_x=xs[1], test_y=ys[1])
+
+
 def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
     init = cfg.init and load_model(cfg.init, torch.device("cpu"))[2]   # --init's model.pth
     data = load_data(cfg, device, init or None)   # with its channels, mean and std
+    test = cfg.val_split and replace(data, train_x=None, train_y=None)   # kept for the end
+    data = hold_out(data, cfg) if cfg.val_split else data
     check_precision(cfg.precision, device)
-    print(f"data: {cfg.dataset}: {len(data.train_y):,} train and {len(data.test_y):,} test "
+    print(f"data: {cfg.dataset}: {len(data.train_y):,} train and {len(data.test_y):,} "
+          f"{'validation' if test else 'test'} "
           f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes; "
           f"run folder: {out}" + (f", {world_size()} processes" if world_size() > 1 else ""))
 
@@ -1397,6 +1416,12 @@ def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
 
     hooks = Hooks(restore, wrap, my_share, world_size(), all_sum, after_epoch)
     model, metrics, preds = train(cfg, data, device, hooks)
+    if test:                                      # the test split, once: the run's result
+        data, precision = test, precision_policy(cfg.precision, device)[0]
+        loss, acc, preds = evaluate(model, data, cfg, precision)
+        metrics[-1] |= dict(test_loss=loss, test_acc=acc)
+        if rank() == 0:
+            save_metrics(metrics, out)
     if rank() == 0:
         make_figures(model, data, preds, out, metrics)
     print(f"saved {os.path.join(out, 'model.pth')}, checkpoint.pth, metrics.json")
@@ -1522,6 +1547,7 @@ HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ sub
         "clip_grad": "largest global gradient norm (0: no clipping)",
         "precision": "auto picks per device (section 6)", "attn": "auto: fused on GPUs",
         "data": "stream: read an image folder from disk (default: only if too big)",
+        "val_split": "a seeded fraction of train/, measured each epoch; test/ once, at the end",
         "init": f"start from {', '.join(TORCHVISION_VITS)} (torchvision's ImageNet weights), "
                 "or a model.pth: its shape and weights, a new head for new classes"}
 # finetune: ViT-B/16's ImageNet weights on CIFAR-10 at 224 px, fp16 on a T4 (batch 64: meant to
