@@ -2699,6 +2699,9 @@ def test_a_student_copy_fails_each_exercise_until_its_body_is_written(tmp_path, 
     exercises.main([str(copy)])                               # the teacher's command
     with pytest.raises(SystemExit, match="already holds a copy"):
         exercises.main([str(copy)])                           # a student's work is kept
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write the copy in"):
+        exercises.main([str(tmp_path / "a file")])
     assert sorted(os.listdir(copy)) == ["EXERCISES.md", "test_vit.py", "transformer.py",
                                         "vit.py"]
     for n in range(1, n_exercises + 2):         # exercises 1..n-1 written, n.. still blank

@@ -125,16 +125,19 @@ def main(argv):
     if os.path.exists(os.path.join(out, "vit.py")):
         raise SystemExit(f"error: {out!r} already holds a copy; its work is kept. Choose a new "
                          f"folder.")
-    os.makedirs(out, exist_ok=True)
     every = set(range(1, len(EXERCISES) + 1))
-    for module in ("transformer", "vit"):
-        with open(os.path.join(HERE, f"{module}.py"), encoding="utf-8") as f:
-            text = blank(f.read(), module, every)
-        with open(os.path.join(out, f"{module}.py"), "w", encoding="utf-8") as f:
-            f.write(text)
-    shutil.copyfile(os.path.join(HERE, "test_vit.py"), os.path.join(out, "test_vit.py"))
-    with open(os.path.join(out, "EXERCISES.md"), "w", encoding="utf-8") as f:
-        f.write(exercises_md())
+    try:
+        os.makedirs(out, exist_ok=True)
+        for module in ("transformer", "vit"):
+            with open(os.path.join(HERE, f"{module}.py"), encoding="utf-8") as f:
+                text = blank(f.read(), module, every)
+            with open(os.path.join(out, f"{module}.py"), "w", encoding="utf-8") as f:
+                f.write(text)
+        shutil.copyfile(os.path.join(HERE, "test_vit.py"), os.path.join(out, "test_vit.py"))
+        with open(os.path.join(out, "EXERCISES.md"), "w", encoding="utf-8") as f:
+            f.write(exercises_md())
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the copy in {out!r} ({e.strerror or e}).")
     print(f"{len(EXERCISES)} exercises in {out}: read {os.path.join(out, 'EXERCISES.md')}")
 
 
