@@ -2684,14 +2684,20 @@ def exercise_tests():
     return tests
 
 
-def test_a_student_copy_fails_each_exercise_until_its_body_is_written(tmp_path, monkeypatch,
-                                                                       capsys):
+def load_exercises():
+    # docs/exercises.py, the generator of a student copy, as a module
     import importlib.util
-    import types
     here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location("exercises", f"{here}/docs/exercises.py")
     exercises = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(exercises)
+    return here, exercises
+
+
+def test_a_student_copy_fails_each_exercise_until_its_body_is_written(tmp_path, monkeypatch,
+                                                                       capsys):
+    import types
+    here, exercises = load_exercises()
     tests, n_exercises, copy = exercise_tests(), len(exercises.EXERCISES), tmp_path / "copy"
     assert sorted(tests) == list(range(1, n_exercises + 1))
     with open(f"{here}/README.md", encoding="utf-8") as f:
@@ -2732,11 +2738,7 @@ def test_a_student_copy_fails_each_exercise_until_its_body_is_written(tmp_path, 
 @POSIX
 def test_python_test_vit_py_scores_a_student_copy(tmp_path):
     # the student's one command: a line for each exercise, passed or failed, and the score
-    import importlib.util
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("exercises", f"{here}/docs/exercises.py")
-    exercises = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exercises)
+    here, exercises = load_exercises()
     exercises.main([str(tmp_path)])
     n = len(exercises.EXERCISES)
     with open(f"{here}/transformer.py", encoding="utf-8") as f:  # exercises 1 and 2 written

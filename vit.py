@@ -399,9 +399,8 @@ def augment(x, pad, shift, mirror):
 def batches(x, y, index_lists):
     # The images (uint8, on the device) and labels at each list of indices: on the device,
     # by indexing. A folder streamed from disk (section 10) reads each batch's files.
-    if isinstance(x, torch.Tensor):
-        return ((x[i], y[i]) for i in index_lists)
-    return zip(x.stream(index_lists, y.device), (y[i] for i in index_lists))
+    return (((x[i], y[i]) for i in index_lists) if isinstance(x, torch.Tensor) else
+            zip(x.stream(index_lists, y.device), (y[i] for i in index_lists)))
 
 
 # -----------------------------------------------------------------------------------------
