@@ -1222,21 +1222,24 @@ def test_a_validation_split_is_measured_every_epoch_and_the_test_split_once(data
 
 
 def test_the_validation_split_is_seeded_disjoint_and_streams_alike(colors, capsys):
-    # hold_out: the same images whether kept in memory or streamed; another seed, others
+    # the same images whether kept in memory or streamed; normalised by the training part
+    # alone; another seed, other images
     cfg = vit.Config(dataset=colors, val_split=0.25, patch_size=4)
     cpu = torch.device("cpu")
-    kept = vit.load_data(cfg, cpu)
-    streamed = vit.load_data(replace(cfg, data="stream"), cpu)
-    a, b = vit.hold_out(kept, cfg), vit.hold_out(streamed, cfg)
+    a = vit.load_data(cfg, cpu)
+    b = vit.load_data(replace(cfg, data="stream"), cpu)
     assert torch.equal(a.test_x, b.test_x[:]) and torch.equal(a.train_x, b.train_x[:])
     assert torch.equal(a.test_y, b.test_y) and len(a.test_y) == 6 and len(a.train_y) == 18
+    whole = vit.load_data(replace(cfg, val_split=0.0), cpu).train_x
     rows = {tuple(x.flatten().tolist()) for x in torch.cat([a.train_x, a.test_x])}
-    assert rows == {tuple(x.flatten().tolist()) for x in kept.train_x}   # a partition
-    other = vit.hold_out(kept, replace(cfg, seed=1))
-    assert not torch.equal(other.test_x, a.test_x)
+    assert rows == {tuple(x.flatten().tolist()) for x in whole}           # a partition
+    mean, std = vit.channel_stats([a.train_x], a.train_x[:, 0].numel())
+    for data in (a, b):
+        torch.testing.assert_close((data.mean, data.std), (mean, std))
+    assert not torch.equal(vit.load_data(replace(cfg, seed=1), cpu).test_x, a.test_x)
     for fraction, words in ((0.01, "no validation image"), (0.99, "nothing to train on")):
         with pytest.raises(vit.UserError, match=words):
-            vit.hold_out(kept, replace(cfg, val_split=fraction))
+            vit.load_data(replace(cfg, val_split=fraction), cpu)
 
 
 def test_eval_reads_only_the_test_split(trained_run, tmp_path, capsys):

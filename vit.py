@@ -737,6 +737,8 @@ def load_data(cfg, device, saved=None, train=True):
     channels = saved and saved["config"]["in_channels"]
     xs, ys, classes = load_torchvision(cfg, splits, channels) if name in KNOWN_SIZES else \
         load_image_folder(cfg, device, splits, channels)
+    if cfg.val_split and train:       # test/ checked, then left until train_run's end
+        xs, ys = hold_out(xs[0], ys[0], cfg)
     if not saved and isinstance(xs[0], torch.Tensor):             # in memory: Part I's way
         data = make_data(xs[0], ys[0], xs[1], ys[1], classes, device)
     else:
@@ -751,6 +753,19 @@ def load_data(cfg, device, saved=None, train=True):
     if cfg.image_size and cfg.image_size != data.test_x.shape[-1]:    # (torchvision's sets)
         data = Upsampled(**vars(data), size=cfg.image_size)
     return data
+
+
+def hold_out(x, y, cfg):
+    # --val-split: a seeded part of the training split, measured every epoch in the test
+    # split's place, so that choices made on it leave the test split unseen until the end
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = round(cfg.val_split * len(y))
+    if not 0 < n_val < len(y):
+        raise UserError(f"--val-split {cfg.val_split} of {len(y)} training images leaves "
+                        f"{'no validation image' if n_val == 0 else 'nothing to train on'}.")
+    parts = [order[n_val:].sort().values, order[:n_val].sort().values]   # train, validation
+    return [x[i] if isinstance(x, torch.Tensor) else ImageFiles(
+        [x.files[j] for j in i.tolist()], x.mode, x.size) for i in parts], [y[i] for i in parts]
 
 
 def load_torchvision(cfg, wanted, channels=None):
@@ -1348,31 +1363,15 @@ def check_precision(requested, device):
     except (RuntimeError, UserWarning, TypeError) as e:
         raise UserError(f"torch {torch.__version__} cannot run {name} autocast on {device.type} "
                         f"({str(e).splitlines()[0]}); use --precision fp32.") from None
-
-
-def hold_out(data, cfg):
-    # --val-split: a seeded part of the training split is measured every epoch in the test
-    # split's place, so that choices made on it leave the test split unseen until the end
-    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = round(cfg.val_split * len(order))
-    if not 0 < n_val < len(order):
-        raise UserError(f"--val-split {cfg.val_split} of {len(order)} training images leaves "
-                        f"{'no validation image' if n_val == 0 else 'nothing to train on'}.")
-    x, parts = data.train_x, [order[n_val:].sort().values, order[:n_val].sort().values]
-    xs = [x[i.to(data.train_y.device)] if isinstance(x, torch.Tensor) else
-          ImageFiles([x.files[j] for j in i.tolist()], x.mode, x.size) for i in parts]
-    ys = [data.train_y[i.to(data.train_y.device)] for i in parts]
-    return replace(data, train_x=xs[0], train_y=ys[0], test_x=xs[1], test_y=ys[1])
+    return name
 
 
 def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
     init = cfg.init and load_model(cfg.init, torch.device("cpu"))[2]   # --init's model.pth
     data = load_data(cfg, device, init or None)   # with its channels, mean and std
-    test = cfg.val_split and replace(data, train_x=None, train_y=None)   # kept for the end
-    data = hold_out(data, cfg) if cfg.val_split else data
-    check_precision(cfg.precision, device)
+    precision = check_precision(cfg.precision, device)
     print(f"data: {cfg.dataset}: {len(data.train_y):,} train and {len(data.test_y):,} "
-          f"{'validation' if test else 'test'} "
+          f"{'validation' if cfg.val_split else 'test'} "
           f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes; "
           f"run folder: {out}" + (f", {world_size()} processes" if world_size() > 1 else ""))
 
@@ -1415,8 +1414,9 @@ def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
 
     hooks = Hooks(restore, wrap, my_share, world_size(), all_sum, after_epoch)
     model, metrics, preds = train(cfg, data, device, hooks)
-    if test:                                      # the test split, once: the run's result
-        data, precision = test, precision_policy(cfg.precision, device)[0]
+    if cfg.val_split:                  # the test split, once, read as --eval reads it
+        data = load_data(cfg, device, {"config": {"in_channels": data.train_x.shape[1]},
+                                       "mean": data.mean.tolist(), "std": data.std.tolist()}, False)
         loss, acc, preds = evaluate(model, data, cfg, precision)
         metrics[-1] |= dict(test_loss=loss, test_acc=acc)
         if rank() == 0:
