@@ -1228,7 +1228,9 @@ def test_the_validation_split_is_seeded_disjoint_and_streams_alike(colors, capsy
     b = vit.load_data(replace(cfg, data="stream"), cpu)
     assert torch.equal(a.test_x, b.test_x[:]) and torch.equal(a.train_x, b.train_x[:])
     assert torch.equal(a.test_y, b.test_y) and len(a.test_y) == 6 and len(a.train_y) == 18
-    whole = vit.load_data(replace(cfg, val_split=0.0), cpu).train_x
+    whole = vit.load_data(replace(cfg, val_split=0.0), cpu)
+    assert a.held == b.held == "val" and whole.held == "test"   # what train() calls it
+    whole = whole.train_x
     rows = {tuple(x.flatten().tolist()) for x in torch.cat([a.train_x, a.test_x])}
     assert rows == {tuple(x.flatten().tolist()) for x in whole}           # a partition
     mean, std = vit.channel_stats([a.train_x], a.train_x[:, 0].numel())

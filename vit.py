@@ -340,6 +340,7 @@ class Data:
     classes: list                  # K names; label k is classes[k]
     mean: torch.Tensor             # (C,) per channel, in [0, 1], of the training split
     std: torch.Tensor              # (C,)
+    held: str = "test"             # what test_x holds: "test", or "val" (part of train/)
 
     def normalize(self, x):
         # uint8 (B, C, H, W) -> float, zero mean, unit variance per channel: what the initial
@@ -574,7 +575,6 @@ def train(cfg, data, device, hooks=Hooks()):
           f"attention {'fused' if use_fused_attn(cfg, device) else 'hand-written'}, "
           f"precision {precision} ({why})")
     metrics = hooks.restore(model, opt, scaler)                   # [] for a new run
-    held = "val" if cfg.val_split else "test"     # what data.test_x holds (section 13)
     train_model = hooks.wrap(model)
     start, t0 = len(metrics) + 1, time.perf_counter()
     for epoch in range(start, cfg.epochs + 1):
@@ -585,12 +585,12 @@ def train(cfg, data, device, hooks=Hooks()):
             raise FloatingPointError(f"training diverged in epoch {epoch} (the loss became nan or "
                            f"inf); start a new run with a lower --lr than {cfg.lr}")
         metrics.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
-                            **{f"{held}_loss": test_loss, f"{held}_acc": test_acc},
+                            **{f"{data.held}_loss": test_loss, f"{data.held}_acc": test_acc},
                             lr=opt.param_groups[0]["lr"], images_per_s=rate))
         elapsed, done = time.perf_counter() - t0, (epoch - start + 1) / (cfg.epochs - start + 1)
         print(f"epoch {epoch:3d}/{cfg.epochs} | train loss {train_loss:.4f} acc "
-              f"{100 * train_acc:5.2f}% | {held} loss {test_loss:.4f} acc {100 * test_acc:5.2f}% "
-              f"| {rate:,.0f} img/s | {elapsed / 60:.1f} min, "
+              f"{100 * train_acc:5.2f}% | {data.held} loss {test_loss:.4f} acc "
+              f"{100 * test_acc:5.2f}% | {rate:,.0f} img/s | {elapsed / 60:.1f} min, "
               f"{(elapsed / done - elapsed) / 60:.1f} min left", flush=True)
         hooks.after_epoch(model, opt, scaler, metrics)
     return model, metrics, preds
@@ -750,6 +750,7 @@ def load_data(cfg, device, saved=None, train=True):
                                       len(xs[0]) * xs[0].size ** 2, all_sum)
         on = [t.to(device) if isinstance(t, torch.Tensor) else t for xy in zip(xs, ys) for t in xy]
         data = Data(*[None, None] * (not train), *on, classes, mean.to(device), std.to(device))
+    data.held = "val" if cfg.val_split and train else "test"
     if cfg.image_size and cfg.image_size != data.test_x.shape[-1]:    # (torchvision's sets)
         data = Upsampled(**vars(data), size=cfg.image_size)
     return data
