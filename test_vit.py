@@ -2728,7 +2728,6 @@ def test_a_student_copy_fails_each_exercise_until_its_body_is_written(tmp_path, 
                     test()
 
 
-@POSIX
 def test_python_test_vit_py_scores_a_student_copy(tmp_path):
     # the student's one command: a line for each exercise, passed or failed, and the score
     here, exercises = load_exercises()
