@@ -9,9 +9,11 @@ Then, in OUT:  pytest test_vit.py -k ex03  (one exercise's tests: that exercise 
 before it), and  python test_vit.py  (a score per exercise). The solution: the files here.
 """
 import ast
+import io
 import os
 import shutil
 import sys
+import tokenize
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
@@ -19,16 +21,18 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repos
 EXERCISES = [
     ("positional encoding", "__init__: nn.Module's own, self.dropout, and the table "
      "PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(...) of section 1 as the "
-     "buffer self.pe (max_len, D), not a parameter; forward adds its first T rows, then dropout", ["transformer.PositionalEncoding.__init__",
-                                        "transformer.PositionalEncoding.forward"]),
+     "buffer self.pe (max_len, D), not a parameter; forward adds its first T rows, then "
+     "dropout", ["transformer.PositionalEncoding.__init__",
+                 "transformer.PositionalEncoding.forward"]),
     ("masks", "True = may attend: causal (T, T) lower triangular; padding (B, 1, 1, T), "
      "False at PAD keys", ["transformer.causal_mask", "transformer.padding_mask"]),
     ("scaled dot-product attention", "softmax(q k^T / sqrt(d_k)) v; masked scores filled "
-     "with the most negative float, masked weights then exactly 0; returns (output, weights)",
+     "with the most negative float, masked weights then exactly 0; `dropout` (a module, or "
+     "None) on the weights; returns (output, the weights used)",
      ["transformer.scaled_dot_product_attention"]),
     ("multi-head attention", "split_heads: (B, T, D) -> (B, h, T, d_h); forward: W_q, W_k, "
-     "W_v, attention in every head at once, the weights kept in self.attn_weights (the "
-     "figures read them), heads concatenated, W_o",
+     "W_v, attention in every head at once, the weights kept in self.attn_weights, detached "
+     "(the figures read them), heads concatenated, W_o",
      ["transformer.MultiHeadAttention.split_heads", "transformer.MultiHeadAttention.forward"]),
     ("feed-forward network", "linear2(dropout(relu(linear1(x)))), on every position",
      ["transformer.FeedForward.forward"]),
@@ -42,22 +46,27 @@ EXERCISES = [
      "path softmax(q k^T / sqrt(d_h)) v (a float32 softmax, the weights kept in "
      "self.attn_weights), or F.scaled_dot_product_attention when self.fused; heads "
      "concatenated, proj, dropout", ["vit.Attention.forward"]),
-    ("the pre-norm block", "MLP: fc2(GELU(fc1(x))) with dropout; Block: x + attn(norm1(x)), "
-     "then x + mlp(norm2(x))", ["vit.MLP.forward", "vit.Block.forward"]),
+    ("the pre-norm block", "MLP: dropout after the GELU of fc1 and after fc2; Block: "
+     "x + attn(norm1(x)), then x + mlp(norm2(x))", ["vit.MLP.forward", "vit.Block.forward"]),
     ("the ViT's forward", "patch tokens, the CLS token in front, the position embedding "
-     "added, the blocks, the final norm, the CLS token (or the patches' mean), the head",
+     "added (then pos_drop), the blocks, the final norm, the CLS token (or the patches' mean, "
+     "pool=\"mean\"), the head",
      ["vit.ViT.forward"]),
-    ("augmentation", "a crop shifted by `shift` from a zero-padded copy, as one gather, "
-     "then a horizontal flip where `mirror`", ["vit.augment"]),
-    ("warmup + cosine", "the learning rate of one step: linear from 0.1% of cfg.lr over the "
-     "warmup steps, then half a cosine down to 0", ["vit.lr_at"]),
+    ("augmentation", "from the copy zero-padded by `pad` on every side, the window whose "
+     "top-left corner is `shift` (rows, columns), as one gather; then a horizontal flip "
+     "where `mirror`", ["vit.augment"]),
+    ("warmup + cosine", "the learning rate of step `step`: warmup = max(1, round(cfg.warmup "
+     "* total)) steps rising linearly from 0.1% of cfg.lr, reaching cfg.lr at step warmup; "
+     "then half a cosine that would reach 0 at step total", ["vit.lr_at"]),
     ("one training step", "set the learning rate; forward under autocast and the "
-     "label-smoothed loss; zero the gradients; backward through the scaler; unscale, clip, "
-     "step, update; return (logits, loss)", ["vit.train_step"]),
-    ("one epoch", "the epoch's plan (epoch_plan), each batch augmented, normalised and "
-     "stepped at lr_at; returns the mean loss, the accuracy and images a second. hooks.share, "
-     ".world and .sum change nothing on one device (Part II's many GPUs need them); Progress "
-     "prints the progress line",
+     "label-smoothed loss; zero the gradients; backward of loss * weight through the scaler; "
+     "unscale, clip, step, update; return (logits, loss), the loss unweighted", ["vit.train_step"]),
+    ("one epoch", "the epoch's plan (epoch_plan): batch s holds positions s*bs..s*bs+bs-1 of "
+     "`order`, and `shift` and `mirror` are indexed by position too; each batch augmented, "
+     "normalised and stepped at lr_at(step since the run began, cfg.epochs * steps); returns "
+     "the mean loss, the accuracy and images a second. hooks.share, .world (train_step's "
+     "weight: len(y) * world / bs) and .sum change nothing on one device; Progress prints "
+     "the progress line",
      ["vit.train_one_epoch"]),
 ]
 
@@ -74,8 +83,11 @@ def functions(tree, prefix):
 
 def blank(source, module, numbers):
     # `source` (module "vit" or "transformer") with the bodies of the exercises numbered in
-    # `numbers` replaced by a raise; the comment lines of a body are kept.
+    # `numbers` replaced by a raise; a body's comments are kept, each on a line of its own
+    # (a shape after a line of code too: the shapes are the hints).
     lines = source.splitlines(keepends=True)
+    comments = {t.start[0]: t.string for t in tokenize.generate_tokens(
+        io.StringIO(source).readline) if t.type == tokenize.COMMENT}      # line -> "# ..."
     found = functions(ast.parse(source), module)
     cuts = []
     for n, (title, _, names) in enumerate(EXERCISES, 1):
@@ -88,10 +100,10 @@ def blank(source, module, numbers):
         first = node.body[0].lineno - 1                                 # 0-based
         while lines[first - 1].strip().startswith("#"):                 # comments above it
             first -= 1
-        body = lines[first:node.end_lineno]
         code = lines[node.body[0].lineno - 1]
         indent = code[:len(code) - len(code.lstrip())]
-        kept = [indent + l.lstrip() for l in body if l.strip().startswith("#")]
+        kept = [f"{indent}{comments[i]}\n" for i in range(first + 1, node.end_lineno + 1)
+                if i in comments]
         lines[first:node.end_lineno] = kept + [
             f'{indent}raise NotImplementedError("exercise {n}: {title} (EXERCISES.md)")\n']
     return "".join(lines)
