@@ -45,6 +45,17 @@ def copy_mha_into_torch(ours, theirs):
         theirs.out_proj.bias.copy_(ours.W_o.bias)
 
 
+def seeded(f, seed=1):
+    # f() with the random numbers drawn from `seed`: two code paths that draw in the same
+    # order (dropout's masks) then compute the same numbers
+    torch.manual_seed(seed)
+    return f()
+
+
+def drop(t, p=0.3):
+    return nn.functional.dropout(t, p)                            # training: drops
+
+
 def lengths_to_tokens(lengths, T):
     # (B, T) token ids with 5 for real tokens and PAD (0) after each length
     return torch.stack([torch.tensor([5] * n + [tf.PAD] * (T - n)) for n in lengths])
@@ -93,6 +104,19 @@ def test_ex03_attention_scale_is_one_over_sqrt_dk():
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([p1, 1 - p1]))
 
 
+def test_ex04_multi_head_attention_drops_attention_weights_while_training():
+    torch.manual_seed(0)
+    mha = tf.MultiHeadAttention(16, 2, dropout=0.3)
+    x = torch.randn(2, 5, 16)
+    mask = tf.padding_mask(lengths_to_tokens([5, 3], 5), tf.PAD)
+
+    def by_hand():
+        q, k, v = (mha.split_heads(W(x)) for W in (mha.W_q, mha.W_k, mha.W_v))
+        out, _ = tf.scaled_dot_product_attention(q, k, v, mask, nn.Dropout(0.3))
+        return mha.W_o(out.transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(seeded(lambda: mha(x, x, x, mask)), seeded(by_hand))
+
+
 def test_ex04_attention_rows_sum_to_one_and_masked_weights_are_exactly_zero():
     torch.manual_seed(0)
     mha = tf.MultiHeadAttention(16, 2)
@@ -139,7 +163,9 @@ def test_ex05_the_feed_forward_network_is_relu_between_two_linears():
     want = nn.functional.linear(nn.functional.relu(nn.functional.linear(
         x, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)      # the paper's formula
     torch.testing.assert_close(ffn(x), want)
-    assert not torch.allclose(ffn.train()(x), want)               # dropout while training
+    ffn.train()                                                   # dropout between the two
+    torch.testing.assert_close(seeded(lambda: ffn(x)), seeded(lambda: lin2(drop(
+        nn.functional.relu(lin1(x)), 0.5))))
 
 
 # ------------------------------------------------------------------------------------------
@@ -169,6 +195,32 @@ def test_ex06_encoder_layer_matches_pytorch():
     got = ours(x, tf.padding_mask(src, tf.PAD))
     want = theirs(x, src_key_padding_mask=src == tf.PAD)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_ex06_encoder_layer_with_dropout_is_its_sublayers_in_order():
+    torch.manual_seed(0)
+    layer = tf.EncoderLayer(16, 2, 32, dropout=0.3)               # training
+    x, mask = torch.randn(2, 5, 16), tf.padding_mask(lengths_to_tokens([5, 3], 5), tf.PAD)
+
+    def by_hand():
+        h = layer.norm1(x + drop(layer.self_attn(x, x, x, mask)))
+        return layer.norm2(h + drop(layer.ffn(h)))
+    torch.testing.assert_close(seeded(lambda: layer(x, mask)), seeded(by_hand))
+
+
+def test_ex07_decoder_layer_with_dropout_is_its_sublayers_in_order():
+    torch.manual_seed(0)
+    layer = tf.DecoderLayer(16, 2, 32, dropout=0.3)               # training
+    x, memory = torch.randn(2, 4, 16), torch.randn(2, 5, 16)
+    tgt_mask = tf.padding_mask(lengths_to_tokens([4, 2], 4), tf.PAD) & tf.causal_mask(4)
+    src_mask = tf.padding_mask(lengths_to_tokens([5, 3], 5), tf.PAD)
+
+    def by_hand():
+        h = layer.norm1(x + drop(layer.self_attn(x, x, x, tgt_mask)))
+        h = layer.norm2(h + drop(layer.cross_attn(h, memory, memory, src_mask)))
+        return layer.norm3(h + drop(layer.ffn(h)))
+    torch.testing.assert_close(seeded(lambda: layer(x, memory, tgt_mask, src_mask)),
+                               seeded(by_hand))
 
 
 def test_ex07_decoder_layer_matches_pytorch():
@@ -204,6 +256,8 @@ def test_ex01_positional_encoding_matches_the_formula_and_is_a_buffer():
             assert pe.pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
     x = torch.randn(2, 7, d_model)
     torch.testing.assert_close(pe(x), x + pe.pe[:7])
+    pe = tf.PositionalEncoding(d_model, max_len, dropout=0.3)     # training: dropout after
+    torch.testing.assert_close(seeded(lambda: pe(x)), seeded(lambda: drop(x + pe.pe[:7])))
 
 
 def test_ex02_causal_and_padding_masks():
@@ -327,6 +381,24 @@ def torchvision_state_dict(ours):
     return sd
 
 
+def test_ex11_the_vit_pools_as_told_and_drops_after_the_position_embedding():
+    for pool in ("cls", "mean"):
+        torch.manual_seed(0)
+        model = vit.ViT(16, 4, 3, 5, dim=32, depth=2, heads=4, mlp_dim=64, dropout=0.2,
+                        fused_attn=False, pool=pool)
+        nn.init.normal_(model.head.weight)
+        x = torch.randn(2, 3, 16, 16)
+
+        def by_hand():
+            t = torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(x)], dim=1)
+            t = nn.functional.dropout(t + model.pos_embed, 0.2)   # (B, T, D)
+            for block in model.blocks:
+                t = block(t)
+            t = model.norm(t)
+            return model.head(t[:, 0] if pool == "cls" else t[:, 1:].mean(dim=1))
+        torch.testing.assert_close(seeded(lambda: model(x)), seeded(by_hand))
+
+
 def test_ex11_vit_equals_torchvision_vision_transformer():
     for fused in (True, False):
         vit_equals_torchvision_vision_transformer(fused)
@@ -355,6 +427,28 @@ def test_ex09_fused_and_hand_written_attention_agree():
     x = torch.randn(3, 17, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), manual(x), rtol=0, atol=1e-5)
+
+
+def test_ex09_attention_drops_while_training_and_never_in_eval():
+    torch.manual_seed(0)
+    attn = vit.Attention(32, 4, dropout=0.3, fused=False)          # training
+    x = torch.randn(2, 17, 32)
+
+    def by_hand(dropout=drop):
+        q, k, v = attn.qkv(x).view(2, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)   # each (B, h, T, d_h)
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(8)).softmax(-1)
+        out = (dropout(weights) @ v).transpose(1, 2).reshape(2, 17, 32)
+        return dropout(attn.proj(out))
+    torch.testing.assert_close(seeded(lambda: attn(x)), seeded(by_hand))
+    attn.fused = True
+    attn.proj_drop.p = 0.0                                # what differs: the kernel's dropout
+    with torch.no_grad():
+        assert not torch.allclose(attn(x), by_hand(lambda t: t), atol=1e-4)
+        for fused in (True, False):                                   # eval: no dropout
+            attn.fused = fused
+            torch.testing.assert_close(attn.eval()(x), by_hand(lambda t: t), rtol=0,
+                                       atol=1e-5)
+            attn.train()
 
 
 def test_ex09_hand_written_attention_in_bf16_stays_close_to_float32():
@@ -391,6 +485,7 @@ def test_ex08_patchify_by_reshape_equals_conv2d():
     torch.manual_seed(0)
     embed = vit.PatchEmbed(patch_size=4, in_channels=3, dim=24)
     x = torch.randn(2, 3, 16, 12)
+    assert vit.patchify(x, 4).shape == (2, 12, 48)                # (B, N, C*P*P)
     conv = embed.proj(x)                                    # (B, D, H/P, W/P)
     conv = conv.flatten(2).transpose(1, 2)                  # (B, N, D)
     torch.testing.assert_close(embed(x), conv, rtol=0, atol=1e-5)
@@ -417,6 +512,21 @@ def test_ex10_block_equals_a_pre_norm_nn_transformer_encoder_layer():
             theirs.get_submodule(a).load_state_dict(ours.get_submodule(b).state_dict())
         x = torch.randn(2, 17, 32)
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
+
+
+def test_ex10_block_drops_where_the_mlp_says_and_never_in_eval():
+    torch.manual_seed(0)
+    block = vit.Block(32, 4, 64, dropout=0.3, fused_attn=False)   # training
+    x = torch.randn(2, 17, 32)
+
+    def by_hand():
+        h = x + block.attn(block.norm1(x))
+        m = block.mlp
+        return h + drop(m.fc2(drop(nn.functional.gelu(m.fc1(block.norm2(h))))))
+    torch.testing.assert_close(seeded(lambda: block(x)), seeded(by_hand))
+    plain = vit.Block(32, 4, 64, dropout=0.0, fused_attn=False)
+    plain.load_state_dict(block.state_dict())
+    torch.testing.assert_close(block.eval()(x), plain.eval()(x))
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -915,28 +1025,32 @@ def test_ex13_warmup_and_cosine_equal_torchs_own_schedulers():
 
 def test_ex14_one_training_step_is_a_plain_pytorch_step():
     # train_step against the step written out with PyTorch: the lr set, label-smoothed
-    # cross-entropy, backward, the global norm clipped to 1, AdamW; on a model of one Linear
+    # cross-entropy times the weight, backward, the global norm clipped to 1 (of the gradients
+    # unscaled), AdamW; the loss returned unweighted; on a model of one Linear
     torch.manual_seed(0)
     ours = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     theirs = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     theirs.load_state_dict(ours.state_dict())
-    cfg = vit.Config(weight_decay=0.05, clip_grad=1.0, label_smoothing=0.1)
+    cfg = vit.Config(weight_decay=0.05, label_smoothing=0.1)
     opt = torch.optim.AdamW(ours.parameters(), weight_decay=cfg.weight_decay)
     ref = torch.optim.AdamW(theirs.parameters(), weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    for lr in (0.5, 0.1, 0.02):                          # large: the clip matters
-        x, y = torch.randn(8, 3, 2, 2) * 10, torch.randint(0, 3, (8,))
-        logits, loss = vit.train_step(ours, x, y, opt, scaler, cfg, "fp32", lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)    # gradients scaled by 1024
+    for lr, weight, clip in ((0.5, 1.0, 1.0), (0.1, 0.5, 0.0), (0.02, 2.0, 1.0)):
+        x, y = torch.randn(8, 3, 2, 2) * 10, torch.randint(0, 3, (8,))   # large: clipped
+        logits, loss = vit.train_step(ours, x, y, opt, scaler, replace(cfg, clip_grad=clip),
+                                      "fp32", lr, weight)
         for group in ref.param_groups:
             group["lr"] = lr
         want = nn.functional.cross_entropy(theirs(x), y, label_smoothing=0.1)
         ref.zero_grad()
-        want.backward()
-        assert nn.utils.clip_grad_norm_(theirs.parameters(), 1.0) > 1.0
+        (want * weight).backward()
+        if clip:
+            assert nn.utils.clip_grad_norm_(theirs.parameters(), clip) > clip
         ref.step()
         torch.testing.assert_close(loss, want)
         assert logits.shape == (8, 3)
         for p, q in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)   # as stepped
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 

@@ -31,21 +31,21 @@ EXERCISES = [
      "None) on the weights; returns (output, the weights used)",
      ["transformer.scaled_dot_product_attention"]),
     ("multi-head attention", "split_heads: (B, T, D) -> (B, h, T, d_h); forward: W_q, W_k, "
-     "W_v, attention in every head at once, the weights kept in self.attn_weights, detached "
-     "(the figures read them), heads concatenated, W_o",
+     "W_v, attention in every head at once (self.dropout on the weights), the weights kept in "
+     "self.attn_weights, detached (the figures read them), heads concatenated, W_o",
      ["transformer.MultiHeadAttention.split_heads", "transformer.MultiHeadAttention.forward"]),
     ("feed-forward network", "linear2(dropout(relu(linear1(x)))), on every position",
      ["transformer.FeedForward.forward"]),
     ("encoder layer", "post-norm: x = norm1(x + dropout(self-attention)), then the same "
      "with the FFN and norm2", ["transformer.EncoderLayer.forward"]),
     ("decoder layer", "post-norm: masked self-attention, cross-attention to the memory, "
-     "FFN; each added to x and normalised", ["transformer.DecoderLayer.forward"]),
+     "FFN; each through dropout, added to x and normalised", ["transformer.DecoderLayer.forward"]),
     ("patchify", "(B, C, H, W) -> (B, N, C*P*P) by reshape and permute, patches in rows, "
      "each flattened as (C, P, P), as the Conv2d's weight is", ["vit.patchify"]),
     ("the ViT's attention", "q, k, v from one Linear(D, 3D) in h heads; the hand-written "
-     "path softmax(q k^T / sqrt(d_h)) v (a float32 softmax, the weights kept in "
-     "self.attn_weights), or F.scaled_dot_product_attention when self.fused; heads "
-     "concatenated, proj, dropout", ["vit.Attention.forward"]),
+     "path softmax(q k^T / sqrt(d_h)) v (a float32 softmax, attn_drop on the weights, which "
+     "are kept in self.attn_weights), or F.scaled_dot_product_attention when self.fused "
+     "(dropout_p: attn_drop's p while training, else 0); heads concatenated, proj, proj_drop", ["vit.Attention.forward"]),
     ("the pre-norm block", "MLP: dropout after the GELU of fc1 and after fc2; Block: "
      "x + attn(norm1(x)), then x + mlp(norm2(x))", ["vit.MLP.forward", "vit.Block.forward"]),
     ("the ViT's forward", "patch tokens, the CLS token in front, the position embedding "
