@@ -2810,8 +2810,13 @@ def test_a_student_copy_fails_each_exercise_until_its_body_is_written(tmp_path, 
     with open(f"{here}/README.md", encoding="utf-8") as f:
         assert f"a student copy, with {n_exercises} exercises" in f.read()
     exercises.main([str(copy)])                               # the teacher's command
-    with pytest.raises(SystemExit, match="already holds a copy"):
+    with pytest.raises(SystemExit, match="already holds transformer.py, vit.py, test_vit.py"):
         exercises.main([str(copy)])                           # a student's work is kept
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "EXERCISES.md").write_text("my notes")
+    with pytest.raises(SystemExit, match="already holds EXERCISES.md"):
+        exercises.main([str(tmp_path / "mine")])              # any of the four
+    assert os.listdir(tmp_path / "mine") == ["EXERCISES.md"]
     (tmp_path / "a file").write_text("")
     with pytest.raises(SystemExit, match="cannot write the copy in"):
         exercises.main([str(tmp_path / "a file")])
@@ -2843,19 +2848,24 @@ def test_a_student_copy_fails_each_exercise_until_its_body_is_written(tmp_path, 
 
 
 def test_python_test_vit_py_scores_a_student_copy(tmp_path):
-    # the student's one command: a line for each exercise, passed or failed, and the score
+    # the student's one command: a line for each exercise, passed or failed, and the score;
+    # Ctrl-C (here: in exercise 14's body) leaves the rest not finished, and exits 130
     here, exercises = load_exercises()
     exercises.main([str(tmp_path)])
     n = len(exercises.EXERCISES)
     with open(f"{here}/transformer.py", encoding="utf-8") as f:  # exercises 1 and 2 written
         (tmp_path / "transformer.py").write_text(
             exercises.blank(f.read(), "transformer", set(range(3, n + 1))), encoding="utf-8")
+    copy = (tmp_path / "vit.py").read_text(encoding="utf-8")
+    (tmp_path / "vit.py").write_text(copy.replace(
+        'raise NotImplementedError("exercise 14', 'raise KeyboardInterrupt("exercise 14'),
+        encoding="utf-8")
     run = subprocess.run([sys.executable, "test_vit.py"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     lines = run.stdout.splitlines()
-    assert run.returncode == 1 and lines[-1] == f"score: 2 of {n} exercises", run.stdout[-3000:]
-    assert lines[-n - 1:-1] == [f"exercise {k:2d}: {'passed' if k < 3 else 'failed'}"
-                                for k in range(1, n + 1)]
+    assert run.returncode == 130 and lines[-1] == f"score: 2 of {n} exercises", run.stdout
+    assert lines[-n - 1:-1] == [f"exercise {k:2d}: " + ("passed" if k < 3 else "failed" if
+                                k < 14 else "not finished (interrupted)") for k in range(1, n + 1)]
     assert "NotImplementedError: exercise 3: scaled dot-product attention" in run.stdout
 
 
@@ -2863,20 +2873,23 @@ if __name__ == "__main__":
     # python test_vit.py: a student copy graded, a line for each exercise (EXERCISES.md)
     class Score:
         def __init__(self):
-            self.passed = {}
+            self.passed, self.exercises = {}, []  # exercise -> all its tests passed so far
 
         def pytest_collection_modifyitems(self, items):
             items[:] = sorted((item for item in items if re.match(r"test_ex\d\d_", item.name)),
                               key=lambda item: item.name[7:9])      # in the exercises' order
+            self.exercises = sorted({int(item.name[7:9]) for item in items})
 
         def pytest_runtest_logreport(self, report):
             if report.when == "call" or not report.passed:
                 n = int(report.nodeid.split("::")[-1][7:9])
                 self.passed[n] = self.passed.get(n, True) and report.passed
     score = Score()
-    pytest.main([__file__, "-q", "--tb=line", "-rN", "-p", "no:cacheprovider"] + sys.argv[1:],
-                plugins=[score])
-    for n, passed in sorted(score.passed.items()):
-        print(f"exercise {n:2d}: {'passed' if passed else 'failed'}")
-    print(f"score: {sum(score.passed.values())} of {len(score.passed)} exercises")
-    sys.exit(0 if score.passed and all(score.passed.values()) else 1)
+    status = pytest.main([__file__, "-q", "--tb=line", "-rN", "-p", "no:cacheprovider"]
+                         + sys.argv[1:], plugins=[score])
+    for n in score.exercises:
+        print(f"exercise {n:2d}: " + {True: "passed", False: "failed"}.get(
+            score.passed.get(n), "not finished (interrupted)"))
+    print(f"score: {sum(score.passed.values())} of {len(score.exercises)} exercises")
+    sys.exit(130 if status == pytest.ExitCode.INTERRUPTED else
+             0 if status == pytest.ExitCode.OK else 1)

@@ -45,7 +45,8 @@ EXERCISES = [
     ("the ViT's attention", "q, k, v from one Linear(D, 3D) in h heads; the hand-written "
      "path softmax(q k^T / sqrt(d_h)) v (a float32 softmax, attn_drop on the weights, which "
      "are kept in self.attn_weights), or F.scaled_dot_product_attention when self.fused "
-     "(dropout_p: attn_drop's p while training, else 0); heads concatenated, proj, proj_drop", ["vit.Attention.forward"]),
+     "(dropout_p: attn_drop's p while training, else 0); heads concatenated, proj, "
+     "proj_drop", ["vit.Attention.forward"]),
     ("the pre-norm block", "MLP: dropout after the GELU of fc1 and after fc2; Block: "
      "x + attn(norm1(x)), then x + mlp(norm2(x))", ["vit.MLP.forward", "vit.Block.forward"]),
     ("the ViT's forward", "patch tokens, the CLS token in front, the position embedding "
@@ -131,12 +132,14 @@ When all pass, train for real: `python transformer.py`, `python vit.py --preset 
 
 
 def main(argv):
-    if len(argv) != 1 or argv[0].startswith("-"):
+    if len(argv) != 1 or not argv[0] or argv[0].startswith("-"):
         raise SystemExit("usage: python docs/exercises.py OUT  (a folder for the student copy)")
     out = argv[0]
-    if os.path.exists(os.path.join(out, "vit.py")):
-        raise SystemExit(f"error: {out!r} already holds a copy; its work is kept. Choose a new "
-                         f"folder.")
+    held = [f for f in ("transformer.py", "vit.py", "test_vit.py", "EXERCISES.md")
+            if os.path.exists(os.path.join(out, f))]
+    if held:
+        raise SystemExit(f"error: {out!r} already holds {', '.join(held)}; that work is kept. "
+                         f"Choose a new folder.")
     every = set(range(1, len(EXERCISES) + 1))
     try:
         os.makedirs(out, exist_ok=True)
