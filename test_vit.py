@@ -1354,6 +1354,12 @@ def test_the_validation_split_is_seeded_disjoint_and_streams_alike(colors, capsy
     for fraction, words in ((0.01, "no validation image"), (0.99, "nothing to train on")):
         with pytest.raises(vit.UserError, match=words):
             vit.load_data(replace(cfg, val_split=fraction), cpu)
+    assert a.test_y.bincount().tolist() == [3, 3]                 # a part of every class
+    y = torch.tensor([0] * 8 + [1])                               # a class of one image
+    (_, val), (_, val_y) = vit.hold_out(torch.arange(9), y, replace(cfg, val_split=0.25))
+    assert val_y.tolist() == [0, 0]                               # it stays in training
+    with pytest.raises(vit.UserError, match="a class with nothing to train on"):
+        vit.hold_out(torch.arange(9), y, replace(cfg, val_split=0.9))
 
 
 def test_eval_reads_only_the_test_split(trained_run, tmp_path, capsys):

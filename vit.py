@@ -757,14 +757,17 @@ def load_data(cfg, device, saved=None, train=True):
 
 
 def hold_out(x, y, cfg):
-    # --val-split: a seeded part of the training split, measured every epoch in the test
-    # split's place, so that choices made on it leave the test split unseen until the end
+    # --val-split: a seeded part of each class of the training split, measured every epoch in
+    # the test split's place, so that choices made on it leave the test split unseen
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = round(cfg.val_split * len(y))
-    if not 0 < n_val < len(y):
-        raise UserError(f"--val-split {cfg.val_split} of {len(y)} training images leaves "
-                        f"{'no validation image' if n_val == 0 else 'nothing to train on'}.")
-    parts = [order[n_val:].sort().values, order[:n_val].sort().values]   # train, validation
+    val = torch.zeros(len(y), dtype=torch.bool)
+    for k in y.unique():                                          # each class its own part
+        mine = order[y[order] == k]
+        val[mine[:round(cfg.val_split * len(mine))]] = True
+    if not val.any() or len(y[~val].unique()) < len(y.unique()):
+        raise UserError(f"--val-split {cfg.val_split} of {len(y)} training images leaves " + (
+            "a class with nothing to train on." if val.any() else "no validation image."))
+    parts = [(~val).nonzero().flatten(), val.nonzero().flatten()]   # train, validation
     return [x[i] if isinstance(x, torch.Tensor) else ImageFiles(
         [x.files[j] for j in i.tolist()], x.mode, x.size) for i in parts], [y[i] for i in parts]
 
@@ -1547,7 +1550,7 @@ HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ sub
         "clip_grad": "largest global gradient norm (0: no clipping)",
         "precision": "auto picks per device (section 6)", "attn": "auto: fused on GPUs",
         "data": "stream: read an image folder from disk (default: only if too big)",
-        "val_split": "a seeded fraction of train/, measured each epoch; test/ once, at the end",
+        "val_split": "a seeded fraction of each class of train/, measured each epoch; test/ at the end",
         "init": f"start from {', '.join(TORCHVISION_VITS)} (torchvision's ImageNet weights), "
                 "or a model.pth: its shape and weights, a new head for new classes"}
 # finetune: ViT-B/16's ImageNet weights on CIFAR-10 at 224 px, fp16 on a T4 (batch 64: meant to
