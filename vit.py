@@ -1550,7 +1550,7 @@ HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ sub
         "clip_grad": "largest global gradient norm (0: no clipping)",
         "precision": "auto picks per device (section 6)", "attn": "auto: fused on GPUs",
         "data": "stream: read an image folder from disk (default: only if too big)",
-        "val_split": "a seeded fraction of each class of train/, measured each epoch; test/ at the end",
+        "val_split": "a seeded fraction of each class of train/, measured each epoch; test/ last",
         "init": f"start from {', '.join(TORCHVISION_VITS)} (torchvision's ImageNet weights), "
                 "or a model.pth: its shape and weights, a new head for new classes"}
 # finetune: ViT-B/16's ImageNet weights on CIFAR-10 at 224 px, fp16 on a T4 (batch 64: meant to
