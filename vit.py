@@ -880,26 +880,21 @@ def load_image_folder(cfg, device, wanted, channels=None):
     if size % cfg.patch_size:
         raise UserError(f"image size {size} is not divisible by patch size {cfg.patch_size}; "
                         f"choose --patch-size among its divisors, or an --image-size.")
-    print(f"images: {'RGB' if mode == 'RGB' else 'gray'}, {size}x{size} px "
-          f"({'--image-size' if cfg.image_size else 'the commonest size'}); "
-          f"{sum(n for s, n in shapes.items() if s != (size, size)):,} of {len(files):,} "
-          f"resized or cropped")
-    shape = (1 if mode == "L" else 3, size, size)
-    keep = fits_in_memory(f"{len(files):,} images of {shape}", len(files), shape, cfg, device)
+    how = "--image-size" if cfg.image_size else "the commonest size"
+    resized = sum(n for shape, n in shapes.items() if shape != (size, size))
+    print(f"images: {'RGB' if mode == 'RGB' else 'gray'}, {size}x{size} px ({how}); "
+          f"{resized:,} of {len(files):,} resized or cropped")
+    # Kept on the device as uint8 if that takes at most half the free memory (of the device
+    # and the RAM), else streamed from disk: all processes alike
     xs = [ImageFiles(files, mode, size) for files, _, _ in splits]
-    return [x[:] if keep else x for x in xs], [y for _, y, _ in splits], classes
-
-
-def fits_in_memory(what, n_images, shape, cfg, device):
-    # The data as uint8 against the free memory (of the device and the RAM): at most half.
-    free = free_memory(device)
-    need = n_images * math.prod(shape) / 1e9                      # GB
+    free, need = free_memory(device), len(files) * math.prod(xs[0].shape[1:]) / 1e9   # GB
     have = "free memory unknown" if free is None else f"{free / 1e9:.1f} GB free"
     keep = (free is None or need <= free / 2e9) and cfg.data != "stream"
     keep = all_sum(torch.tensor(int(keep))).item() == world_size()   # all processes, or none
-    print(f"data: {what}, {need:.2f} GB as uint8, {have} on {device}: " +
-          ("kept on the device" if keep else "streamed from disk") + f" (--data {cfg.data})")
-    return keep
+    print(f"data: {len(files):,} images of {xs[0].shape[1:]}, {need:.2f} GB as uint8, {have} on "
+          f"{device}: " + ("kept on the device" if keep else "streamed from disk") +
+          f" (--data {cfg.data})")
+    return [x[:] if keep else x for x in xs], [y for _, y, _ in splits], classes
 
 
 def free_memory(device):
@@ -923,9 +918,7 @@ class ImageFiles:
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):                     # an int, a slice or a tensor of indices
-        if isinstance(i, int):
-            return read_image(self.files[i], self.mode, self.size)   # (C, S, S)
+    def __getitem__(self, i):                     # a slice or a tensor of indices
         index = torch.arange(len(self))[i] if isinstance(i, slice) else i
         out = torch.empty((len(index), *self.shape[1:]), dtype=torch.uint8)   # (n, C, S, S)
         for k, batch in enumerate(self.stream(index.cpu().split(256), "cpu")):
@@ -1128,7 +1121,7 @@ def check_fits(saved_classes, data, path):
 # 12. Figures: PNG files, also shown inline in a notebook
 # At the start: one image cut into patches, and one batch's shapes. After training and by
 # --eval: the curves, where the model looks, how the learned position embeddings resemble
-# each other (ViT paper, Figure 7), the confusion matrix and a grid of mistakes.
+# each other (ViT paper, Figure 7), the confusion matrix, and where it looked in mistakes.
 # -----------------------------------------------------------------------------------------
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
@@ -1142,22 +1135,20 @@ def save_figure(fig, path):
     print(f"saved {path}")
 
 
-def show_grid(ax, images, title, nrow=8, **kw):
-    # uint8 (n, C, h, w) images tiled into one picture by torchvision's make_grid
-    from torchvision.utils import make_grid
-    ax.imshow(make_grid(images.cpu(), nrow=nrow, pad_value=255, **kw).permute(1, 2, 0).numpy())
-    ax.set_title(title)
-    ax.axis("off")
-
-
 def plot_patches(image, P, path):
     # One training image (C, H, W), and its patches in token order, from patchify itself
     import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid                       # tiles images into one
     tiles = patchify(image[None], P)[0].view(-1, image.size(0), P, P)   # (N, C, P, P)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5), width_ratios=[1, 1.4])
-    show_grid(ax1, image[None].expand(1, 3, -1, -1), f"the image, {image.shape[1]} px")
-    show_grid(ax2, tiles.expand(-1, 3, -1, -1), f"its {len(tiles)} {P}x{P} patches in token "
-              f"order, 1 to {len(tiles)} (token 0: CLS)", nrow=image.shape[2] // P, padding=1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), width_ratios=[1, 1.4])
+    for ax, images, title in ((axes[0], image[None], f"the image, {image.shape[1]} px"), (
+            axes[1], tiles, f"its {len(tiles)} {P}x{P} patches in token order, 1 to "
+            f"{len(tiles)} (token 0: CLS)")):
+        grid = make_grid(images.expand(-1, 3, -1, -1).cpu(), nrow=image.shape[2] // P,
+                         padding=1, pad_value=255)                # (3, h, w) uint8
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_title(title)
+        ax.axis("off")
     save_figure(fig, path)
     return tiles
 
@@ -1165,20 +1156,19 @@ def plot_patches(image, P, path):
 @torch.no_grad()
 def print_shapes(model, images):
     # One batch through the model, and the shape after each stage (by forward hooks)
-    rows = [("images", images.shape, "(B, C, H, W)")]
+    def show(what, shape, legend):
+        print(f"  {what:<28} {str(tuple(shape)):<18} {legend}")
     stages = [(model.patch_embed, "patch tokens", "(B, N, D)")] + [
         (b, f"block {i + 1} (CLS + patches)", "(B, T, D), T = N + 1")
         for i, b in enumerate(model.blocks)]
-    hooks = [m.register_forward_hook(lambda m, i, o, w=w, l=l: rows.append((w, o.shape, l)))
-             for m, w, l in stages]
-    hooks.append(model.head.register_forward_pre_hook(lambda m, i: rows.append(
-        (f"{model.pool} token out", i[0].shape, "(B, D)"))))
-    logits = model.eval()(images)
+    hooks = [m.register_forward_hook(lambda m, i, o, w=w, l=l: show(w, o.shape, l))
+             for m, w, l in stages] + [model.head.register_forward_pre_hook(
+                 lambda m, i: show(f"{model.pool} token out", i[0].shape, "(B, D)"))]
+    print("one batch through the model:")
+    show("images", images.shape, "(B, C, H, W)")
+    show("logits", model.eval()(images).shape, "(B, K)")
     for h in hooks:
         h.remove()
-    print("one batch through the model:")
-    for what, shape, legend in rows + [("logits", logits.shape, "(B, K)")]:
-        print(f"  {what:<28} {str(tuple(shape)):<18} {legend}")
 
 
 def plot_curves(metrics, path):
@@ -1218,7 +1208,7 @@ def attention_maps(model, images):
     return rollout[:, rows, 1:].mean(1), weights[-1][:, :, rows, 1:].mean(2)
 
 
-def plot_attention(model, images, x, titles, path):
+def plot_attention(model, images, x, titles, path, heading=""):
     # Each image (uint8; x: normalised, for the model), its rollout, each head's last map.
     import matplotlib.pyplot as plt
     rollout, last = attention_maps(model, x)                      # (B, N), (B, h, N)
@@ -1237,7 +1227,7 @@ def plot_attention(model, images, x, titles, path):
                          fontsize=8)
             ax.axis("off")
     who = "the CLS token" if model.pool == "cls" else "the patch tokens on average"
-    fig.suptitle(f"Where {who} looks (bright = more attention): the rollout over all\n"
+    fig.suptitle(f"{heading}Where {who} looks (bright = more attention): the rollout over all\n"
                  "layers, and each head of the last layer", fontsize=10)
     save_figure(fig, path)
 
@@ -1266,10 +1256,9 @@ def plot_confusion(data, preds, path):
     fig, ax = plt.subplots(figsize=(min(1.0 + 0.6 * K, 12),) * 2)
     shown = ax.imshow(conf.numpy(), cmap="Blues")
     if K <= 30:
-        for (i, j), count in zip(torch.cartesian_prod(torch.arange(K), torch.arange(K)).tolist(),
-                                 conf.flatten().tolist()):
-            ax.text(j, i, count, ha="center", va="center", fontsize=7,
-                    color="white" if count > conf.max() / 2 else "black")
+        for i, j in torch.cartesian_prod(torch.arange(K), torch.arange(K)).tolist():
+            ax.text(j, i, conf[i, j].item(), ha="center", va="center", fontsize=7,
+                    color="white" if conf[i, j] > conf.max() / 2 else "black")
         ax.set_xticks(range(K), data.classes, rotation=45, ha="right")
         ax.set_yticks(range(K), data.classes)
     ax.set(title="Confusion matrix (test split)", xlabel="predicted class", ylabel="true class")
@@ -1277,39 +1266,24 @@ def plot_confusion(data, preds, path):
     save_figure(fig, path)
 
 
-def plot_mistakes(data, preds, path, n=24):
-    import matplotlib.pyplot as plt
-    wrong = (preds != data.test_y).nonzero().flatten()
-    picked = wrong[spread(len(wrong), n).to(wrong.device)]
-    fig, axes = plt.subplots(3, 8, figsize=(13.6, 6.3))
-    for ax, k in zip(axes.flat, picked.tolist() + [None] * n):
-        ax.axis("off")
-        if k is not None:
-            ax.imshow(data.test_x[k].cpu().permute(1, 2, 0).squeeze(-1).numpy(),
-                      cmap="gray" if data.test_x.shape[1] == 1 else None)
-            ax.set_title(f"true {data.classes[data.test_y[k]][:10]}\n"
-                         f"pred {data.classes[preds[k]][:10]}", fontsize=7)
-    fig.suptitle(f"Misclassified test images ({len(wrong)} of {len(preds)} wrong; "
-                 f"{len(picked)} shown)")
-    save_figure(fig, path)
-
-
-def spread(n_items, n):
-    # n indices spread evenly over range(n_items): test folders are often sorted by class
-    return torch.linspace(0, n_items - 1, min(n, n_items)).round().long().unique()
-
-
 def make_figures(model, data, preds, out, metrics=None):
     if metrics:                                   # after training; not by --eval
         plot_curves(metrics, os.path.join(out, "curves.png"))
-    picked = spread(len(data.test_y), 6).to(data.test_y.device)
-    images = data.test_x[picked].to(data.test_y.device)           # (6, C, H, W) uint8
-    titles = [data.classes[k][:12] for k in data.test_y[picked].tolist()]
-    plot_attention(model, images, data.normalize(images), titles,
-                   os.path.join(out, "attention.png"))
     plot_pos_embed(model, os.path.join(out, "pos_embed.png"))
     plot_confusion(data, preds, os.path.join(out, "confusion.png"))
-    plot_mistakes(data, preds, os.path.join(out, "mistakes.png"))
+    wrong = (preds != data.test_y).nonzero().flatten().cpu()
+    for name, pool in (("attention", torch.arange(len(preds))), ("mistakes", wrong)):
+        spread = torch.linspace(0, len(pool) - 1, min(6, len(pool))).round().long().unique()
+        picked = pool[spread].to(data.test_y.device)   # 6 spread out: folders sort by class
+        if len(picked) == 0:
+            print("no test image is misclassified: no mistakes.png")
+            continue
+        images = data.test_x[picked].to(data.test_y.device)       # (6, C, H, W) uint8
+        titles = [data.classes[k][:12] + f"\nseen as {data.classes[p][:12]}" * (name == "mistakes")
+                  for k, p in zip(data.test_y[picked].tolist(), preds[picked].tolist())]
+        plot_attention(model, images, data.normalize(images), titles, os.path.join(
+            out, f"{name}.png"), f"{len(wrong):,} of {len(preds):,} test images misclassified, "
+            f"{len(picked)} shown.\n" * (name == "mistakes"))
 
 
 # -----------------------------------------------------------------------------------------
@@ -1339,8 +1313,7 @@ def validate(cfg):
         raise UserError(f"--lr {cfg.lr} times --weight-decay {cfg.weight_decay} must be below 1: "
                         f"AdamW multiplies every weight by 1 - lr * weight_decay at each step.")
     if cfg.dim % cfg.heads:
-        raise UserError(f"dim {cfg.dim} is not divisible by heads {cfg.heads}; every head must "
-                        f"get an equal share of the width.")
+        raise bad("dim", f"be divisible by --heads {cfg.heads}: each head gets an equal share")
     if cfg.batch_size < world_size():
         raise bad("batch_size", f"be at least the number of processes, {world_size()}")
     if cfg.data == "stream" and cfg.dataset.lower() in KNOWN_SIZES:
@@ -1375,8 +1348,7 @@ def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
     data = load_data(cfg, device, init or None)   # with its channels, mean and std
     precision = check_precision(cfg.precision, device)
     print(f"data: {cfg.dataset}: {len(data.train_y):,} train and {len(data.test_y):,} "
-          f"{'validation' if cfg.val_split else 'test'} "
-          f"images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes; "
+          f"{data.held} images of {tuple(data.train_x.shape[1:])}, {len(data.classes)} classes; "
           f"run folder: {out}" + (f", {world_size()} processes" if world_size() > 1 else ""))
 
     def restore(model, opt, scaler):              # the loop starts where the checkpoint ended
@@ -1412,20 +1384,16 @@ def train_run(cfg, device, out, ckpt=None, ckpt_path=None):
                 model, device_ids=[device] if device.type == "cuda" else None)
         return model
 
-    def after_epoch(model, opt, scaler, metrics):
-        if rank() == 0:
-            save_checkpoint(out, cfg, data, model, opt, scaler, metrics)
-
-    hooks = Hooks(restore, wrap, my_share, world_size(), all_sum, after_epoch)
+    hooks = Hooks(restore, wrap, my_share, world_size(), all_sum,   # after_epoch: rank 0 saves
+                  lambda *state: rank() == 0 and save_checkpoint(out, cfg, data, *state))
     model, metrics, preds = train(cfg, data, device, hooks)
     if cfg.val_split:                  # the test split, once, read as --eval reads it
         data = load_data(cfg, device, {"config": {"in_channels": data.train_x.shape[1]},
                                        "mean": data.mean.tolist(), "std": data.std.tolist()}, False)
         loss, acc, preds = evaluate(model, data, cfg, precision)
         metrics[-1] |= dict(test_loss=loss, test_acc=acc)
-        if rank() == 0:
-            save_metrics(metrics, out)
     if rank() == 0:
+        save_metrics(metrics, out)                # (--val-split: with the test split's result)
         make_figures(model, data, preds, out, metrics)
     print(f"saved {os.path.join(out, 'model.pth')}, checkpoint.pth, metrics.json")
     print(f"test accuracy: {100 * metrics[-1]['test_acc']:.2f}%")
@@ -1480,9 +1448,6 @@ def load_model(path, device):
     saved = pretrained(path) if path in TORCHVISION_VITS else load_file(path, "model file")
     if not all(k in saved["config"] for k in MODEL_KEYS + ("in_channels",)):
         raise UserError(f"model file {path!r} was not written by this vit.py.")
-    if not all(torch.isfinite(w).all() for w in saved["state_dict"].values()):
-        raise UserError(f"{path!r} holds weights that are nan or inf: its training diverged, "
-                        f"and it cannot classify anything.")
     cfg = Config(**{k: saved["config"][k] for k in MODEL_KEYS})
     model = build_model(cfg, saved["config"]["in_channels"], len(saved["classes"]), device)
     load_weights(model, saved["state_dict"], path)
@@ -1498,9 +1463,6 @@ def eval_run(args, device):
                                                    "eval"))       # the run's own figures stay
     data = load_data(cfg, device, saved, train=False)             # the test split alone
     check_fits(saved["classes"], data, args.eval)
-    if data.test_x.shape[1] != saved["config"]["in_channels"]:
-        raise UserError(f"{args.eval!r} expects {saved['config']['in_channels']}-channel images, "
-                        f"but this data has {data.test_x.shape[1]}.")
     precision = precision_policy(args.precision or "auto", device)[0]
     loss, acc, preds = evaluate(model, data, cfg, precision)
     print(f"evaluated {args.eval} on {cfg.dataset} ({len(data.test_y):,} test images), "
@@ -1553,8 +1515,7 @@ HELP = {"dataset": "cifar10, fashionmnist, or a folder with train/ and test/ sub
         "val_split": "a seeded fraction of each class of train/, measured each epoch; test/ last",
         "init": f"start from {', '.join(TORCHVISION_VITS)} (torchvision's ImageNet weights), "
                 "or a model.pth: its shape and weights, a new head for new classes"}
-# finetune: ViT-B/16's ImageNet weights on CIFAR-10 at 224 px, fp16 on a T4 (batch 64: meant to
-# fit its 15 GB, not measured). Published, not measured here: 98-99% from ImageNet-21k weights.
+# finetune: ViT-B/16's ImageNet weights, CIFAR-10 at 224 px; batch 64 meant to fit a T4's 15 GB
 PRESETS["finetune"] = dict(init="vit_b_16", epochs=3, batch_size=64, lr=1e-4, warmup=0.1)
 
 
