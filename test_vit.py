@@ -655,7 +655,7 @@ def test_cli_run_writes_all_outputs(trained_run, capsys):
     for name in ("model.pth", "checkpoint.pth", "metrics.json", "curves.png", "attention.png",
                  "pos_embed.png", "confusion.png", "patches.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
-    assert metrics[-1]["test_acc"] == 1 and not os.path.exists(os.path.join(out, "mistakes.png"))
+    assert os.path.exists(os.path.join(out, "mistakes.png")) == (metrics[-1]["test_acc"] < 1)
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s"):
@@ -708,10 +708,37 @@ def test_mistakes_png_shows_six_mistakes_and_what_each_was_seen_as(tmp_path, mon
     images, titles, heading = drawn["attention.png"]           # 6 of 20, spread; as before
     assert torch.equal(images, x[[0, 4, 8, 11, 15, 19]]) and heading == ""
     assert titles == ["c0", "c4", "c3", "c1", "c0", "c4"]
-    drawn.clear()
-    vit.make_figures(tiny_vit().eval(), data, y, str(tmp_path))       # none wrong
-    assert list(drawn) == ["attention.png"]
+    # a test split streamed from disk: the same images drawn
+    files = [str(tmp_path / f"{k}.png") for k in range(20)]
+    for f, image in zip(files, x):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(f)
+    vit.make_figures(tiny_vit().eval(), replace(data, test_x=vit.ImageFiles(files, "RGB", 16)),
+                     preds, str(tmp_path))
+    assert torch.equal(drawn["mistakes.png"][0], x[[2, 7, 11, 13, 15, 19]])
+    drawn.clear()                                 # none wrong: no figure, the old one removed
+    vit.make_figures(tiny_vit().eval(), data, y, str(tmp_path))
+    assert list(drawn) == ["attention.png"] and not (tmp_path / "mistakes.png").exists()
     assert "no test image is misclassified: no mistakes.png" in capsys.readouterr().out
+
+
+def test_torchvision_data_comes_in_the_saved_models_channels(monkeypatch):
+    # --eval or --init with a model.pth: a 1-channel model sees CIFAR-10 gray, as Pillow
+    # converts a folder's images for it; a 3-channel one FashionMNIST as 3 equal channels
+    rgb = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8)
+
+    class Fake:
+        def __init__(self, root, train, download):
+            self.data, self.targets, self.classes = rgb.numpy(), [0, 1, 0, 1], ["a", "b"]
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Fake)
+    cfg = vit.Config(dataset="cifar10")
+    gray = torch.stack([torch.from_numpy(np.array(Image.fromarray(image.numpy()).convert("L")))
+                        for image in rgb])                         # (4, 8, 8)
+    (x,), _, _ = vit.load_torchvision(cfg, ["test"], channels=1)
+    assert x.shape == (4, 1, 8, 8) and (x[:, 0].int() - gray.int()).abs().max() <= 1
+    assert vit.load_torchvision(cfg, ["test"])[0][0].shape == (4, 3, 8, 8)
+    fake_fashionmnist(monkeypatch)
+    (x,), _, _ = vit.load_torchvision(vit.Config(dataset="fashionmnist"), ["test"], channels=3)
+    assert x.shape == (12, 3, 28, 28) and torch.equal(x[:, 0], x[:, 2])
 
 
 def test_attention_rollout_is_a_distribution_over_patches():
@@ -2699,7 +2726,6 @@ def test_a_failure_on_another_rank_stops_every_process(colors, tmp_path):
 
 
 @pytest.mark.parametrize("env, flags, words", [
-    ({}, ["--eval", "model.pth"], ["run in one process"]),
     ({"mps": True}, ["--device", "mps"], ["torchrun cannot use Apple's MPS"]),
     ({"gpus": 1}, ["--device", "cuda"], ["started 2 processes on a machine with 1 GPU",
                                           "--nproc-per-node=1"]),

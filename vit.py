@@ -794,7 +794,9 @@ def load_torchvision(cfg, wanted, channels=None):
             dist.barrier()
         x = torch.as_tensor(ds.data)                              # (n, H, W[, C]) uint8
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)   # (n, C, H, W)
-        x = x.expand(-1, channels, -1, -1) if channels == 3 else x   # gray as 3 equal channels
+        if channels and channels != x.size(1):    # a saved model's: as read_image converts
+            x = x.expand(-1, 3, -1, -1) if channels == 3 else \
+                torchvision.transforms.functional.rgb_to_grayscale(x)    # (n, 1, H, W)
         splits += [x.contiguous(), torch.as_tensor(ds.targets).long()]
     return splits[0::2], splits[1::2], list(ds.classes)
 
@@ -910,7 +912,8 @@ def free_memory(device):
 
 
 class ImageFiles:
-    # A split left on disk, indexed like the (n, C, S, S) uint8 tensor it stands for.
+    # A split left on disk, sliced or indexed by a tensor like the (n, C, S, S) uint8 tensor
+    # it stands for.
     def __init__(self, files, mode, size):
         self.files, self.mode, self.size = files, mode, size
         self.shape = (len(files), 1 if mode == "L" else 3, size, size)
@@ -1126,8 +1129,7 @@ def check_fits(saved_classes, data, path):
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
     try:
-        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png",
-                                                     bbox_inches="tight"))
+        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png", bbox_inches="tight"))
         if in_notebook():
             plt.show()
     finally:
@@ -1144,9 +1146,8 @@ def plot_patches(image, P, path):
     for ax, images, title in ((axes[0], image[None], f"the image, {image.shape[1]} px"), (
             axes[1], tiles, f"its {len(tiles)} {P}x{P} patches in token order, 1 to "
             f"{len(tiles)} (token 0: CLS)")):
-        grid = make_grid(images.expand(-1, 3, -1, -1).cpu(), nrow=image.shape[2] // P,
-                         padding=1, pad_value=255)                # (3, h, w) uint8
-        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.imshow(make_grid(images.expand(-1, 3, -1, -1).cpu(), nrow=image.shape[2] // P,
+                            padding=1, pad_value=255).permute(1, 2, 0).numpy())   # (h, w, 3)
         ax.set_title(title)
         ax.axis("off")
     save_figure(fig, path)
@@ -1215,7 +1216,7 @@ def plot_attention(model, images, x, titles, path, heading=""):
     side = math.isqrt(rollout.size(1))                            # H / P
     maps = torch.cat([rollout[:, None], last], 1).view(len(x), -1, side, side)
     maps = F.interpolate(maps, size=images.shape[-2:], mode="nearest").cpu()   # (B, 1+h, H, W)
-    fig, axes = plt.subplots(len(x), maps.size(1) + 1, squeeze=False,
+    fig, axes = plt.subplots(len(x), maps.size(1) + 1, squeeze=False, layout="constrained",
                              figsize=(1.6 * (maps.size(1) + 1) + 1, 1.8 * len(x) + 0.8))
     for i in range(len(x)):
         im = images[i].cpu().permute(1, 2, 0).squeeze(-1).numpy()   # matplotlib takes numpy
@@ -1272,18 +1273,21 @@ def make_figures(model, data, preds, out, metrics=None):
     plot_pos_embed(model, os.path.join(out, "pos_embed.png"))
     plot_confusion(data, preds, os.path.join(out, "confusion.png"))
     wrong = (preds != data.test_y).nonzero().flatten().cpu()
-    for name, pool in (("attention", torch.arange(len(preds))), ("mistakes", wrong)):
-        spread = torch.linspace(0, len(pool) - 1, min(6, len(pool))).round().long().unique()
-        picked = pool[spread].to(data.test_y.device)   # 6 spread out: folders sort by class
-        if len(picked) == 0:
+    for name, among in (("attention", torch.arange(len(preds))), ("mistakes", wrong)):
+        # where the model looks in 6 test images spread over `among` (folders sort by class)
+        spread = torch.linspace(0, len(among) - 1, min(6, len(among))).round().long().unique()
+        picked, path = among[spread].to(data.test_y.device), os.path.join(out, f"{name}.png")
+        if len(picked) == 0:                      # nothing wrong; no old mistakes.png either
             print("no test image is misclassified: no mistakes.png")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
             continue
-        images = data.test_x[picked].to(data.test_y.device)       # (6, C, H, W) uint8
-        titles = [data.classes[k][:12] + f"\nseen as {data.classes[p][:12]}" * (name == "mistakes")
+        images = data.test_x[picked].to(data.test_y.device)       # (n <= 6, C, H, W) uint8
+        titles = [data.classes[k][:12] + (among is wrong) * f"\nseen as {data.classes[p][:12]}"
                   for k, p in zip(data.test_y[picked].tolist(), preds[picked].tolist())]
-        plot_attention(model, images, data.normalize(images), titles, os.path.join(
-            out, f"{name}.png"), f"{len(wrong):,} of {len(preds):,} test images misclassified, "
-            f"{len(picked)} shown.\n" * (name == "mistakes"))
+        heading = (f"{len(wrong):,} of {len(preds):,} test images misclassified, "
+                   f"{len(picked)} shown.\n") if among is wrong else ""
+        plot_attention(model, images, data.normalize(images), titles, path, heading)
 
 
 # -----------------------------------------------------------------------------------------
@@ -1326,8 +1330,8 @@ def validate(cfg):
 
 
 def check_precision(requested, device):
-    # A tiny step's autocast and scaler: some torch versions refuse some pairs (MPS autocast
-    # before 2.5; fp16's scaler on MPS before 2.7 needs float64), others only warn.
+    # A tiny step first: some torch versions refuse a pair (MPS autocast before 2.5, fp16's
+    # scaler on MPS before 2.7: float64), others only warn.
     name = requested if requested != "auto" else precision_policy("auto", device)[0]
     try:
         with warnings.catch_warnings():
@@ -1612,9 +1616,6 @@ def main(argv=None):
         getattr(stream, "reconfigure", lambda **k: None)(errors="backslashreplace")
     error = None
     try:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (args.eval or args.predict):
-            raise UserError("--eval and --predict run in one process; use `python vit.py`, "
-                            "not torchrun.")
         device = start_processes(args.device)
         if args.eval:
             return eval_run(args, device)
