@@ -741,6 +741,20 @@ def test_torchvision_data_comes_in_the_saved_models_channels(monkeypatch):
     assert x.shape == (12, 3, 28, 28) and torch.equal(x[:, 0], x[:, 2])
 
 
+def test_eval_evaluates_in_the_precision_the_run_asked_for(colors, tmp_path, monkeypatch):
+    # --precision fp32 on a CPU where auto would pick bf16: --eval, not told, uses fp32 too
+    # (saved in model.pth), so it reproduces the run's final accuracy
+    monkeypatch.setattr(vit, "cpu_has_bf16", lambda: True)
+    out = tmp_path / "run"
+    vit.main(["--dataset", colors, "--out", str(out), "--precision", "fp32"] + SMALL)
+    seen, real = [], vit.autocast
+    monkeypatch.setattr(vit, "autocast", lambda p, device: seen.append(p) or real(p, device))
+    acc = vit.main(["--eval", str(out / "model.pth"), "--device", "cpu", "--out", str(out / "e")])
+    assert set(seen) == {"fp32"} and acc == read_metrics(out)[-1]["test_acc"]
+    vit.main(["--eval", str(out / "model.pth"), "--precision", "bf16", "--out", str(out / "e")])
+    assert seen[-1] == "bf16"                                   # told: as told
+
+
 def test_attention_rollout_is_a_distribution_over_patches():
     model = tiny_vit().eval()
     rollout, last = vit.attention_maps(model, torch.randn(3, 3, 16, 16))

@@ -1091,9 +1091,9 @@ def save_checkpoint(out, cfg, data, model, opt, scaler, metrics):
     # read it with torch.load(path, weights_only=True); it is written first, never older.
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
     common = {"classes": data.classes, "mean": data.mean.tolist(), "std": data.std.tolist()}
-    for name, obj in (("model.pth", {"config": {k: getattr(cfg, k) for k in MODEL_KEYS} | {
-                "in_channels": data.train_x.shape[1]}, "state_dict": weights,
-                "dataset": cfg.dataset, "data_root": cfg.data_root}), ("checkpoint.pth", {
+    shape = {k: getattr(cfg, k) for k in MODEL_KEYS} | {"in_channels": data.train_x.shape[1]}
+    for name, obj in (("model.pth", {"config": shape, "state_dict": weights, "dataset": cfg.dataset,
+            "data_root": cfg.data_root, "precision": cfg.precision}), ("checkpoint.pth", {
             "config": asdict(cfg), "model": weights, "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(), "epoch": metrics[-1]["epoch"], "metrics": metrics})):
         write_atomically(os.path.join(out, name), lambda f: torch.save(obj | common, f))
@@ -1467,7 +1467,7 @@ def eval_run(args, device):
                                                    "eval"))       # the run's own figures stay
     data = load_data(cfg, device, saved, train=False)             # the test split alone
     check_fits(saved["classes"], data, args.eval)
-    precision = precision_policy(args.precision or "auto", device)[0]
+    precision = precision_policy(args.precision or saved.get("precision", "auto"), device)[0]
     loss, acc, preds = evaluate(model, data, cfg, precision)
     print(f"evaluated {args.eval} on {cfg.dataset} ({len(data.test_y):,} test images), "
           f"loss {loss:.4f}\ntest accuracy: {100 * acc:.2f}%", flush=True)   # before figures
