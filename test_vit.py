@@ -755,6 +755,28 @@ def test_eval_evaluates_in_the_precision_the_run_asked_for(colors, tmp_path, mon
     assert seen[-1] == "bf16"                                   # told: as told
 
 
+def test_a_figure_is_written_by_rank_0_alone(tmp_path, monkeypatch):
+    # torchrun --eval or --predict: every process draws, one writes
+    import matplotlib.pyplot as plt
+    monkeypatch.setattr(vit, "rank", lambda: 1)
+    vit.save_figure(plt.figure(), str(tmp_path / "figure.png"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_gray_images_keep_their_brightness_in_the_attention_figure(tmp_path, monkeypatch):
+    # a dark and a light class must look dark and light, not each stretched to its own range
+    import matplotlib.axes
+    seen, real = [], matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, X, **k: seen.append((X, k)) or real(self, X, **k))
+    images = torch.full((2, 1, 16, 16), 40, dtype=torch.uint8)
+    images[1] = 200
+    vit.plot_attention(tiny_vit(in_channels=1).eval(), images, images.float(), ["a", "b"],
+                       str(tmp_path / "attention.png"), "2 of 2 wrong\n")
+    drawn = [k for X, k in seen if X.dtype == np.uint8]           # the images, not the maps
+    assert len(drawn) == 2 * 6 and all((k["vmin"], k["vmax"]) == (0, 255) for k in drawn)
+
+
 def test_attention_rollout_is_a_distribution_over_patches():
     model = tiny_vit().eval()
     rollout, last = vit.attention_maps(model, torch.randn(3, 3, 16, 16))

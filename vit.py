@@ -1122,14 +1122,15 @@ def check_fits(saved_classes, data, path):
 
 # -----------------------------------------------------------------------------------------
 # 12. Figures: PNG files, also shown inline in a notebook
-# At the start: one image cut into patches, and one batch's shapes. After training and by
-# --eval: the curves, where the model looks, how the learned position embeddings resemble
-# each other (ViT paper, Figure 7), the confusion matrix, and where it looked in mistakes.
+# At the start: the patches, one batch's shapes. After training and by --eval: the curves,
+# attention (in mistakes too), position-embedding similarity (ViT paper, Figure 7), confusion.
 # -----------------------------------------------------------------------------------------
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
     try:
-        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png", bbox_inches="tight"))
+        if rank() == 0:                           # torchrun --eval: one writer
+            write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png",
+                                                         bbox_inches="tight"))
         if in_notebook():
             plt.show()
     finally:
@@ -1221,14 +1222,14 @@ def plot_attention(model, images, x, titles, path, heading=""):
     for i in range(len(x)):
         im = images[i].cpu().permute(1, 2, 0).squeeze(-1).numpy()   # matplotlib takes numpy
         for j, ax in enumerate(axes[i]):
-            ax.imshow(im, cmap="gray" if images.size(1) == 1 else None)
+            ax.imshow(im, cmap="gray" if images.size(1) == 1 else None, vmin=0, vmax=255)
             if j:
                 ax.imshow(maps[i, j - 1].numpy(), cmap="inferno", alpha=0.6)
             ax.set_title(titles[i] if j == 0 else "rollout" if j == 1 else f"head {j - 2}",
                          fontsize=8)
             ax.axis("off")
-    who = "the CLS token" if model.pool == "cls" else "the patch tokens on average"
-    fig.suptitle(f"{heading}Where {who} looks (bright = more attention): the rollout over all\n"
+    who = "the CLS token looks" if model.pool == "cls" else "the patch tokens look on average"
+    fig.suptitle(f"{heading}Where {who} (bright = more attention): the rollout over all\n"
                  "layers, and each head of the last layer", fontsize=10)
     save_figure(fig, path)
 
@@ -1283,7 +1284,7 @@ def make_figures(model, data, preds, out, metrics=None):
                 os.remove(path)
             continue
         images = data.test_x[picked].to(data.test_y.device)       # (n <= 6, C, H, W) uint8
-        titles = [data.classes[k][:12] + (among is wrong) * f"\nseen as {data.classes[p][:12]}"
+        titles = [data.classes[k][:20] + (among is wrong) * f"\nseen as {data.classes[p][:20]}"
                   for k, p in zip(data.test_y[picked].tolist(), preds[picked].tolist())]
         heading = (f"{len(wrong):,} of {len(preds):,} test images misclassified, "
                    f"{len(picked)} shown.\n") if among is wrong else ""
@@ -1467,7 +1468,7 @@ def eval_run(args, device):
                                                    "eval"))       # the run's own figures stay
     data = load_data(cfg, device, saved, train=False)             # the test split alone
     check_fits(saved["classes"], data, args.eval)
-    precision = precision_policy(args.precision or saved.get("precision", "auto"), device)[0]
+    precision = check_precision(args.precision or saved.get("precision", "auto"), device)
     loss, acc, preds = evaluate(model, data, cfg, precision)
     print(f"evaluated {args.eval} on {cfg.dataset} ({len(data.test_y):,} test images), "
           f"loss {loss:.4f}\ntest accuracy: {100 * acc:.2f}%", flush=True)   # before figures
@@ -1495,7 +1496,7 @@ def predict_run(args, device):
     for path, row, p in zip(files, names, top_p.tolist()):
         print(f"{path}: " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in zip(row, p)))
     if args.out:
-        titles = [f"predicted: {row[0][:12]}\n{100 * p[0]:.1f}%" for row, p in
+        titles = [f"predicted: {row[0][:20]}\n{100 * p[0]:.1f}%" for row, p in
                   zip(names, top_p.tolist())]
         plot_attention(model, data.train_x, x, titles, os.path.join(args.out, "predicted.png"))
     return [row[0] for row in names]
