@@ -755,12 +755,16 @@ def test_eval_evaluates_in_the_precision_the_run_asked_for(colors, tmp_path, mon
     assert seen[-1] == "bf16"                                   # told: as told
 
 
-def test_a_figure_is_written_by_rank_0_alone(tmp_path, monkeypatch):
-    # torchrun --eval or --predict: every process draws, one writes
-    import matplotlib.pyplot as plt
+def test_under_torchrun_eval_and_predict_draw_on_rank_0_alone(trained_run, tmp_path,
+                                                              monkeypatch, capsys):
+    # torchrun --eval or --predict: every process computes the same, rank 0 alone draws
+    folder, out, metrics = trained_run
     monkeypatch.setattr(vit, "rank", lambda: 1)
-    vit.save_figure(plt.figure(), str(tmp_path / "figure.png"))
-    assert os.listdir(tmp_path) == []
+    model = os.path.join(out, "model.pth")
+    assert vit.main(["--eval", model, "--out", str(tmp_path / "e")]) == metrics[-1]["test_acc"]
+    image = os.path.join(folder, "test", "red", "0.png")
+    assert vit.main(["--predict", model, image, "--out", str(tmp_path / "p")]) == ["red"]
+    assert os.listdir(tmp_path / "e") == [] and os.listdir(tmp_path / "p") == []
 
 
 def test_gray_images_keep_their_brightness_in_the_attention_figure(tmp_path, monkeypatch):

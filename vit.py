@@ -1128,9 +1128,8 @@ def check_fits(saved_classes, data, path):
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
     try:
-        if rank() == 0:                           # torchrun --eval: one writer
-            write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png",
-                                                         bbox_inches="tight"))
+        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png",
+                                                     bbox_inches="tight"))
         if in_notebook():
             plt.show()
     finally:
@@ -1472,7 +1471,8 @@ def eval_run(args, device):
     loss, acc, preds = evaluate(model, data, cfg, precision)
     print(f"evaluated {args.eval} on {cfg.dataset} ({len(data.test_y):,} test images), "
           f"loss {loss:.4f}\ntest accuracy: {100 * acc:.2f}%", flush=True)   # before figures
-    make_figures(model, data, preds, out)
+    if rank() == 0:                               # under torchrun, as in training
+        make_figures(model, data, preds, out)
     return acc
 
 
@@ -1495,7 +1495,7 @@ def predict_run(args, device):
     names = [[data.classes[k] for k in row] for row in top_k.tolist()]
     for path, row, p in zip(files, names, top_p.tolist()):
         print(f"{path}: " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in zip(row, p)))
-    if args.out:
+    if args.out and rank() == 0:
         titles = [f"predicted: {row[0][:20]}\n{100 * p[0]:.1f}%" for row, p in
                   zip(names, top_p.tolist())]
         plot_attention(model, data.train_x, x, titles, os.path.join(args.out, "predicted.png"))
